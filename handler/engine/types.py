@@ -1,0 +1,143 @@
+"""The engine's public interface: what the HTTP dialects call, and what a fake engine implements.
+
+Kept free of FastAPI, pydantic and onnxruntime so that route tests can inject a deterministic fake
+(`tests/fakes.py`) and the real engine (`handler/engine/engine.py`) stays swappable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float32]
+
+# Order of the hybrid score weights everywhere: FlagEmbedding's compute_score order.
+DEFAULT_SCORE_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)  # dense, sparse, colbert
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    dense: bool = True
+    sparse: bool = False
+    colbert: bool = False
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the routes show about a served model (/v1/models, /models/{id}, /health)."""
+
+    id: str
+    aliases: tuple[str, ...]
+    dims: int
+    max_length: int
+    vocab_size: int
+    capabilities: Capabilities
+    recipe: str
+    precision: str
+    fingerprint: str  # sha256 of the graph file, from the manifest
+    source: str  # hub repo id or local path the build came from
+    revision: str | None
+    created: int  # unix time of the build
+    device: str  # "cpu" or "cuda": where the session actually runs
+
+
+@dataclass
+class Encoded:
+    """Outputs for a list of inputs, in input order. A head that was not asked for is None."""
+
+    dense: FloatArray | None  # (n, dims), L2-normalised
+    sparse: list[dict[int, float]] | None  # token id -> weight, specials and zeros dropped
+    colbert: list[FloatArray] | None  # one (tokens - 1, dims) array per input, rows normalised
+    token_counts: list[int]  # real tokens per input, special tokens included, after truncation
+    timings_ms: dict[str, float] = field(default_factory=dict)  # tokenize / infer / post
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+@dataclass
+class Scores:
+    """Pairwise scores for sentences_1[i] against sentences_2[i] (FlagEmbedding's compute_score)."""
+
+    dense: list[float]
+    sparse: list[float] | None
+    colbert: list[float] | None
+    sparse_dense: list[float] | None
+    colbert_sparse_dense: list[float] | None
+    token_counts: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class EmbeddingEngine(Protocol):
+    """What every dialect needs from a model. `max_length=None` means the model's own limit;
+    `truncate=False` turns an over-long input into InputTooLongError instead of cutting it."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded: ...
+
+    def encode_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]: ...
+
+    def score(
+        self,
+        sentences_1: Sequence[str],
+        sentences_2: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        max_length: int | None = None,
+    ) -> Scores: ...
+
+
+class ModelRegistry:
+    """The served models by id and alias. The first one is the default (used when any model name
+    is accepted, and by the native routes when no model is named)."""
+
+    def __init__(self, engines: Sequence[EmbeddingEngine]):
+        if not engines:
+            raise ValueError("at least one model must be served")
+        self._engines = list(engines)
+        self._by_name: dict[str, EmbeddingEngine] = {}
+        for engine in self._engines:
+            for name in (engine.info.id, *engine.info.aliases):
+                self._by_name.setdefault(name, engine)
+
+    @property
+    def default(self) -> EmbeddingEngine:
+        return self._engines[0]
+
+    def get(self, name: str) -> EmbeddingEngine | None:
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[EmbeddingEngine]:
+        return iter(self._engines)
+
+    def __len__(self) -> int:
+        return len(self._engines)
