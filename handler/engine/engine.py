@@ -1,0 +1,308 @@
+"""The engine: tokenize -> length-sorted batches -> ONNX run -> heads -> input order.
+
+Uses only onnxruntime, tokenizers and numpy. One Engine serves one model directory made by
+`python -m model_build --out DIR`; it is built once per container and shared by every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handler.engine import heads, scoring
+from handler.engine.batching import pad, plan_batches
+from handler.engine.errors import CapabilityError, InputError, ModelLoadError
+from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
+from handler.engine.session import Device, create_session, default_threads, session_device
+from handler.engine.tokenizer import TextTokenizer
+from handler.engine.types import (
+    DEFAULT_SCORE_WEIGHTS,
+    Capabilities,
+    Encoded,
+    FloatArray,
+    ModelInfo,
+    ModelRegistry,
+    Scores,
+)
+
+log = logging.getLogger(__name__)
+
+HEADS = ("dense", "sparse", "colbert")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    threads: int | None = None  # None: default_threads() (cores, or Lambda's vCPUs)
+    # Padded tokens per forward pass (rows x longest row). Bounds activation memory.
+    batch_token_budget: int = 16384
+    max_batch_size: int = 64
+    verify: VerifyMode = "sha256"
+    device: Device = "cpu"
+    warmup: bool = True
+
+
+@dataclass
+class _Tokens:
+    ids: list[list[int]]
+    tokenize_ms: float = 0.0
+
+
+@dataclass
+class Engine:
+    manifest: Manifest
+    tokenizer: TextTokenizer
+    session: Any  # onnxruntime.InferenceSession (untyped)
+    config: EngineConfig
+    threads: int
+    load_timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_dir: Path, config: EngineConfig | None = None) -> Engine:
+        config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        manifest = load_manifest(model_dir)
+        verify_files(model_dir, manifest, config.verify)
+        timings["verify"] = _ms_since(t)
+
+        t = time.perf_counter()
+        tokenizer = TextTokenizer(
+            model_dir / manifest.tokenizer_file, vocab_size=manifest.vocab_size
+        )
+        timings["tokenizer"] = _ms_since(t)
+
+        t = time.perf_counter()
+        threads = config.threads or default_threads()
+        try:
+            session = create_session(
+                model_dir / manifest.onnx_file, device=config.device, threads=threads
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(
+                f"{model_dir / manifest.onnx_file}: cannot be loaded ({exc})"
+            ) from exc
+        timings["session"] = _ms_since(t)
+        missing = set(manifest.output_names) - {o.name for o in session.get_outputs()}
+        if missing:
+            raise ModelLoadError(
+                f"{model_dir}: the graph lacks outputs {sorted(missing)} named in its manifest"
+            )
+
+        engine = cls(manifest, tokenizer, session, config, threads, timings)
+        if config.warmup:
+            # The first run of a shape plans memory; pay it at load, not in the first request.
+            t = time.perf_counter()
+            engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
+            timings["warmup"] = _ms_since(t)
+        log.info(
+            "loaded %s (%s, %s) from %s on %s with %d threads in %.0f ms",
+            manifest.model_id,
+            manifest.recipe,
+            manifest.precision,
+            model_dir,
+            session_device(session),
+            threads,
+            sum(timings.values()),
+        )
+        return engine
+
+    # ---- description -------------------------------------------------------------------------
+
+    @property
+    def available_heads(self) -> tuple[str, ...]:
+        return tuple(h for h in HEADS if h in self.manifest.output_names)
+
+    @property
+    def info(self) -> ModelInfo:
+        raw = self.manifest.raw
+        source = raw.get("source") or {}
+        heads_ = self.available_heads
+        return ModelInfo(
+            id=self.manifest.model_id,
+            aliases=tuple(str(a) for a in raw.get("aliases", ())),
+            dims=self.manifest.dims,
+            max_length=self.manifest.max_length,
+            vocab_size=self.manifest.vocab_size,
+            capabilities=Capabilities(
+                dense="dense" in heads_, sparse="sparse" in heads_, colbert="colbert" in heads_
+            ),
+            recipe=self.manifest.recipe,
+            precision=self.manifest.precision,
+            fingerprint=self.manifest.fingerprint,
+            source=str(source.get("repo") or source.get("local_dir") or ""),
+            revision=source.get("revision"),
+            created=int(raw.get("created", 0)),
+            device=session_device(self.session),
+        )
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        ids = self.tokenizer.encode(texts, max_length=self.manifest.max_length, truncate=True)
+        return [len(s) for s in ids]
+
+    def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
+        return self.tokenizer.token_strings(weights)
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded:
+        t = time.perf_counter()
+        ids = self.tokenizer.encode(texts, max_length=self._limit(max_length), truncate=truncate)
+        return self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+
+    def encode_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded:
+        t = time.perf_counter()
+        limit = self._limit(max_length)
+        checked = self.tokenizer.check_ids(ids, max_length=limit, truncate=truncate)
+        return self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+
+    def _limit(self, max_length: int | None) -> int:
+        if max_length is None:
+            return self.manifest.max_length
+        if max_length < 1:
+            raise InputError("max_length must be positive", param="max_length")
+        # Asking for more than the model was built for silently means the model's own limit.
+        return min(max_length, self.manifest.max_length)
+
+    def _wanted(self, dense: bool, sparse: bool, colbert: bool) -> list[str]:
+        asked = [h for h, on in zip(HEADS, (dense, sparse, colbert), strict=True) if on]
+        if not asked:
+            raise InputError("ask for at least one of dense, sparse or colbert")
+        missing = [h for h in asked if h not in self.available_heads]
+        if missing:
+            raise CapabilityError(
+                f"model '{self.manifest.model_id}' has no {' or '.join(missing)} output "
+                f"(it gives: {', '.join(self.available_heads)})",
+                param=missing[0],
+            )
+        return asked
+
+    def _run(
+        self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool, *, tokenize_ms: float
+    ) -> Encoded:
+        wanted = self._wanted(dense, sparse, colbert)
+        n = len(ids)
+        dense_out = np.zeros((n, self.manifest.dims), dtype=np.float32) if dense else None
+        sparse_out: list[dict[int, float]] | None = [{} for _ in range(n)] if sparse else None
+        colbert_out: list[FloatArray] | None = [np.empty(0, np.float32)] * n if colbert else None
+        drop = set(self.manifest.special_tokens.values())
+        pad_id = self.manifest.special_tokens["pad"]
+        infer_ms = post_ms = 0.0
+
+        lengths = [len(s) for s in ids]
+        budget, rows = self.config.batch_token_budget, self.config.max_batch_size
+        for batch in plan_batches(lengths, budget, rows):
+            input_ids, mask = pad([ids[i] for i in batch], pad_id)
+            t = time.perf_counter()
+            # Only the heads asked for are fetched; the rest of the graph is shared.
+            outputs = dict(
+                zip(
+                    wanted,
+                    self.session.run(wanted, {"input_ids": input_ids, "attention_mask": mask}),
+                    strict=True,
+                )
+            )
+            infer_ms += _ms_since(t)
+            t = time.perf_counter()
+            for row, i in enumerate(batch):
+                if dense_out is not None:
+                    dense_out[i] = outputs["dense"][row]
+                if sparse_out is not None:
+                    sparse_out[i] = heads.sparse_weights(
+                        input_ids[row, : lengths[i]], outputs["sparse"][row, : lengths[i]], drop
+                    )
+                if colbert_out is not None:
+                    colbert_out[i] = heads.colbert_rows(outputs["colbert"][row], lengths[i])
+            post_ms += _ms_since(t)
+
+        return Encoded(
+            dense=dense_out,
+            sparse=sparse_out,
+            colbert=colbert_out,
+            token_counts=lengths,
+            timings_ms={"tokenize": tokenize_ms, "infer": infer_ms, "post": post_ms},
+        )
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def score(
+        self,
+        sentences_1: Sequence[str],
+        sentences_2: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        max_length: int | None = None,
+    ) -> Scores:
+        if len(sentences_1) != len(sentences_2):
+            raise InputError(
+                f"sentences_1 and sentences_2 must pair up ({len(sentences_1)} != "
+                f"{len(sentences_2)})",
+                param="sentences_2",
+            )
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise InputError(
+                "weights must be three non-negative numbers [dense, sparse, colbert] with a "
+                "positive sum",
+                param="weights",
+            )
+        heads_ = self.available_heads
+        both = self.encode(
+            [*sentences_1, *sentences_2],
+            dense=True,
+            sparse="sparse" in heads_,
+            colbert="colbert" in heads_,
+            max_length=max_length,
+        )
+        n = len(sentences_1)
+        assert both.dense is not None
+        dense = [scoring.dense_score(both.dense[i], both.dense[n + i]) for i in range(n)]
+        if both.sparse is None or both.colbert is None:
+            return Scores(dense, None, None, None, None, both.token_counts, both.timings_ms)
+        sparse = [scoring.lexical_score(both.sparse[i], both.sparse[n + i]) for i in range(n)]
+        colbert = [scoring.colbert_score(both.colbert[i], both.colbert[n + i]) for i in range(n)]
+        hybrid = [
+            scoring.hybrid_scores(d, s, c, weights)
+            for d, s, c in zip(dense, sparse, colbert, strict=True)
+        ]
+        return Scores(
+            dense=dense,
+            sparse=sparse,
+            colbert=colbert,
+            sparse_dense=[h[0] for h in hybrid],
+            colbert_sparse_dense=[h[1] for h in hybrid],
+            token_counts=both.token_counts,
+            timings_ms=both.timings_ms,
+        )
+
+
+def load_registry(paths: Sequence[Path], config: EngineConfig | None = None) -> ModelRegistry:
+    """Load every model directory (MODEL_PATH may list several); the first is the default."""
+    return ModelRegistry([Engine.load(Path(p), config) for p in paths])
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

@@ -1,0 +1,69 @@
+"""The onnxruntime session: execution provider, threads and options, chosen explicitly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+
+# AWS: "at 1,769 MB, a function has the equivalent of one vCPU"; at most 6 vCPUs (10,240 MB).
+LAMBDA_MB_PER_VCPU = 1769
+LAMBDA_MAX_VCPUS = 6
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(environ: dict[str, str] | None = None) -> int:
+    """onnxruntime ignores OMP_NUM_THREADS, so we pick: the cores this process may use, and on
+    Lambda no more than the vCPUs its memory size buys (more threads than vCPUs only contend)."""
+    env = os.environ if environ is None else environ
+    cores = available_cores()
+    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    if memory and memory.isdigit():
+        vcpus = min(LAMBDA_MAX_VCPUS, max(1, round(int(memory) / LAMBDA_MB_PER_VCPU)))
+        return max(1, min(cores, vcpus))
+    return max(1, cores)
+
+
+def providers_for(device: Device) -> list[str]:
+    if device == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning(
+            "DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
+            "(available: %s); falling back to CPU",
+            ", ".join(ort.get_available_providers()),
+        )
+    return ["CPUExecutionProvider"]
+
+
+def create_session(model_file: Path, *, device: Device, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One request's batches run one after another; parallelism lives inside each op.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(model_file), sess_options=options, providers=providers_for(device)
+    )
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        log.warning("the CUDA execution provider could not start; running on CPU")
+    return session
+
+
+def session_device(session: ort.InferenceSession) -> Device:
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

@@ -1,0 +1,66 @@
+"""Pure numerics of the engine: heads, scoring and batching, checked against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from handler.engine import heads, scoring
+from handler.engine.batching import pad, plan_batches
+
+
+def test_sparse_weights_keep_max_per_id_and_drop_specials_and_non_positive() -> None:
+    ids = np.array([0, 17, 5, 17, 9, 2, 1, 5], dtype=np.int64)
+    w = np.array([0.9, 0.2, 0.0, 0.5, -0.1, 0.8, 0.7, 0.3], dtype=np.float32)
+    out = heads.sparse_weights(ids, w, drop_ids={0, 1, 2, 3})
+    assert out == pytest.approx({17: 0.5, 5: 0.3})
+    assert all(isinstance(k, int) for k in out)
+
+
+def test_sparse_weights_of_only_specials_is_empty() -> None:
+    ids = np.array([0, 2], dtype=np.int64)
+    assert heads.sparse_weights(ids, np.ones(2, np.float32), {0, 1, 2, 3}) == {}
+
+
+def test_colbert_rows_drop_padding_but_keep_eos_row() -> None:
+    colbert = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)  # (sequence - 1, dims)
+    assert heads.colbert_rows(colbert, length=3).shape == (2, 2)
+    assert heads.colbert_rows(colbert, length=1).shape == (0, 2)
+
+
+def test_truncate_dims_renormalises() -> None:
+    v = heads.l2_normalize(np.array([[3.0, 4.0, 12.0]], dtype=np.float32))
+    short = heads.truncate_dims(v, 2)
+    np.testing.assert_allclose(short, [[0.6, 0.8]], rtol=1e-6)
+
+
+def test_scores_match_their_definitions() -> None:
+    rng = np.random.default_rng(0)
+    q = heads.l2_normalize(rng.normal(size=(4, 8)).astype(np.float32))
+    p = heads.l2_normalize(rng.normal(size=(6, 8)).astype(np.float32))
+    expected = np.mean([max(float(qi @ pj) for pj in p) for qi in q])
+    assert scoring.colbert_score(q, p) == pytest.approx(expected, rel=1e-6)
+    assert scoring.lexical_score({1: 0.5, 2: 0.25}, {2: 2.0, 3: 9.0}) == pytest.approx(0.5)
+    assert scoring.dense_score(q[0], q[0]) == pytest.approx(1.0, rel=1e-6)
+    sd, all3 = scoring.hybrid_scores(0.6, 0.2, 0.8, (0.4, 0.2, 0.4))
+    assert sd == pytest.approx((0.2 * 0.2 + 0.4 * 0.6) / 0.6)
+    assert all3 == pytest.approx(0.4 * 0.6 + 0.2 * 0.2 + 0.4 * 0.8)
+
+
+def test_batches_respect_budget_cover_every_input_once_and_sort_by_length() -> None:
+    lengths = [5, 300, 7, 7, 1000, 2, 64, 64, 64]
+    batches = plan_batches(lengths, token_budget=512, max_batch=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 512
+    assert batches[0] == [4]  # longer than the budget: alone, and first
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_pad_right_pads_with_mask() -> None:
+    ids, mask = pad([[0, 5, 2], [0, 2]], pad_id=1)
+    assert ids.dtype == np.int64 and mask.dtype == np.int64
+    assert ids.tolist() == [[0, 5, 2], [0, 2, 1]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
