@@ -95,7 +95,10 @@ class TextTokenizer:
         ids = list(weights)
         texts = self._tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
         out: dict[str, float] = {}
-        for token_id, text in zip(ids, texts, strict=True):
+        for token_id, decoded in zip(ids, texts, strict=True):
+            # A bare word-boundary piece ("▁", id 6) decodes to nothing; keep the piece itself so
+            # no weight hides behind an empty key.
+            text = decoded if decoded.strip() else (self._tok.id_to_token(token_id) or decoded)
             w = weights[token_id]
             if w > out.get(text, float("-inf")):
                 out[text] = w

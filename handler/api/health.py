@@ -1,0 +1,100 @@
+"""Public routes: GET /health (no API key; 503 with the reason when the service cannot serve) and
+GET / (a short description of the service)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from handler.api.common import state_of
+
+router = APIRouter(tags=["health"])
+
+SERVICE = "bge-m3-serverless"
+
+
+class HealthModel(BaseModel):
+    id: str
+    aliases: list[str]
+    sha256: str
+    recipe: str
+    precision: str
+    device: str
+
+
+class Health(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model_loaded: bool
+    device: str
+    models: list[HealthModel]
+    auth: bool
+    error: str | None = None
+
+
+@router.get(
+    "/health",
+    summary="Liveness and readiness (public)",
+    response_model=None,
+    responses={200: {"model": Health}, 503: {"model": Health}},
+)
+def health(request: Request) -> JSONResponse:
+    state = state_of(request)
+    registry = state.registry
+    problems: list[str] = []
+    if registry is None:
+        problems.append(f"model not loaded: {state.load_error or 'unknown reason'}")
+    if state.auth_error is not None:
+        problems.append(state.auth_error)
+    models: list[dict[str, Any]] = []
+    for engine in registry or ():
+        info = engine.info
+        models.append(
+            {
+                "id": info.id,
+                "aliases": list(info.aliases),
+                "sha256": info.fingerprint,
+                "recipe": info.recipe,
+                "precision": info.precision,
+                "device": info.device,
+            }
+        )
+    body: dict[str, Any] = {
+        "status": "unhealthy" if problems else "healthy",
+        "model_loaded": registry is not None,
+        "device": models[0]["device"] if models else state.settings.device,
+        "models": models,
+        "auth": request.app.state.key_checker.enabled,
+    }
+    if problems:
+        body["error"] = "; ".join(problems)
+    return JSONResponse(body, status_code=503 if problems else 200)
+
+
+@router.get("/", summary="What this service is (public)", response_model=None)
+def root(request: Request) -> JSONResponse:
+    state = state_of(request)
+    prefix = state.settings.route_prefix
+    registry = state.registry
+    return JSONResponse(
+        {
+            "service": SERVICE,
+            "description": "BAAI/bge-m3 embeddings (dense, sparse, ColBERT) on onnxruntime, in "
+            "three dialects: OpenAI, Volcengine embedding v2 and native BGE-M3.",
+            "models": [e.info.id for e in registry] if registry is not None else [],
+            "routes": {
+                "openai": [f"POST {prefix}/v1/embeddings", f"GET {prefix}/v1/models"],
+                "v2": [f"POST {prefix}/api/data/embedding/version/2"],
+                "native": [
+                    f"POST {prefix}/embeddings",
+                    f"POST {prefix}/score",
+                    f"GET {prefix}/models",
+                ],
+                "health": [f"GET {prefix}/health"],
+            },
+            "docs": f"{prefix}/docs",
+        }
+    )

@@ -1,0 +1,172 @@
+"""v2 dialect: POST /api/data/embedding/version/2, as Volcengine's embedding v2 (seed 002).
+
+Request: `{"model": {"model_name", "params": {return_dense, return_sparse, return_token_usage}},
+"data": [{"data_type": "text", "text"}]}` with at most MAX_INPUTS_V2 (100) items.
+Response: `{"code": 0, "message": "success", "request_id", "data": {"sentence_dense_embedding",
+"sentence_sparse_embedding", "token_usage"}}`; each key only when asked for. Sparse maps are keyed
+by token string, as in the seed. `request_id` is this request's id, also sent as `X-Request-Id`.
+
+Defaults as in the seed and the Volcengine SDKs: dense on; sparse on for a model that has sparse
+weights and off otherwise (asking a dense-only model for sparse is a 400); token usage off.
+Images (`data_type` image / text-image) are a 400: this service embeds text only.
+Auth is a Bearer key like the other dialects; Volcengine's HMAC request signing is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+
+from handler.api.common import (
+    FastJSONResponse,
+    body_doc,
+    check_count,
+    check_request_tokens,
+    check_texts,
+    json_body,
+    max_length_for,
+    record_encoded,
+    record_of,
+    resolve_model,
+    sparse_out,
+    state_of,
+)
+from handler.errors import invalid
+
+router = APIRouter(tags=["v2"])
+
+PATH = "/api/data/embedding/version/2"
+
+
+class V2Params(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    return_dense: bool = True
+    return_sparse: bool | None = Field(
+        default=None, description="Default: true for a model with sparse weights (bge-m3)."
+    )
+    return_token_usage: bool = False
+    truncate: bool = Field(
+        default=True, description="Extension: false makes an over-long text a 400."
+    )
+
+
+class V2Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model_name: str
+    params: V2Params | None = None
+
+
+class V2Item(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    data_type: str
+    text: str | None = None
+    image: str | None = None
+
+
+class V2EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: V2Model
+    data: list[V2Item]
+
+
+class V2TokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class V2Result(BaseModel):
+    sentence_dense_embedding: list[list[float]] | None = None
+    sentence_sparse_embedding: list[dict[str, float]] | None = None
+    token_usage: V2TokenUsage | None = None
+
+
+class V2EmbeddingResponse(BaseModel):
+    code: Literal[0] = 0
+    message: str = "success"
+    request_id: str
+    data: V2Result
+
+
+def _texts(items: list[V2Item]) -> list[str]:
+    texts: list[str] = []
+    for index, item in enumerate(items):
+        kind = item.data_type.strip().lower()
+        if kind in ("image", "text-image"):
+            raise invalid(
+                f"images are not supported: data[{index}].data_type is '{item.data_type}', but "
+                "this service embeds text only; send data_type 'text'",
+                param=f"data[{index}].data_type",
+                code="unsupported_data_type",
+            )
+        if kind != "text":
+            raise invalid(
+                f"data[{index}].data_type must be 'text', not '{item.data_type}'",
+                param=f"data[{index}].data_type",
+                code="unsupported_data_type",
+            )
+        if item.text is None:
+            raise invalid(
+                f"data[{index}].text is required when data_type is 'text'",
+                param=f"data[{index}].text",
+            )
+        texts.append(item.text)
+    return texts
+
+
+@router.get(PATH, include_in_schema=False)  # the seed lists POST/GET; the SDKs send POST
+@router.post(
+    PATH,
+    summary="Embed texts (Volcengine embedding v2 wire format)",
+    response_model=None,
+    responses={200: {"model": V2EmbeddingResponse}},
+    openapi_extra=body_doc(V2EmbeddingRequest),
+)
+def embedding_v2(
+    request: Request,
+    body: Annotated[V2EmbeddingRequest, Depends(json_body(V2EmbeddingRequest))],
+) -> FastJSONResponse:
+    state = state_of(request)
+    record = record_of(request)
+    engine = resolve_model(state, body.model.model_name, param="model.model_name")
+    info = engine.info
+    params = body.model.params or V2Params()
+    check_count(len(body.data), limit=state.settings.max_inputs_v2, param="data")
+    texts = _texts(body.data)
+    check_texts(texts, limit=state.settings.max_inputs_v2, param="data", item="data[{index}].text")
+    sparse = info.capabilities.sparse if params.return_sparse is None else params.return_sparse
+    max_length = max_length_for(state, info, None)
+    check_request_tokens(state, engine, texts, max_length, param="data")
+    encoded = engine.encode(
+        texts,
+        dense=params.return_dense,
+        sparse=sparse,
+        max_length=max_length,
+        truncate=params.truncate,
+    )
+    record_encoded(record, info, len(texts), encoded)
+
+    result: dict[str, Any] = {}
+    if encoded.dense is not None:
+        result["sentence_dense_embedding"] = encoded.dense
+    if encoded.sparse is not None:
+        result["sentence_sparse_embedding"] = [
+            sparse_out(engine, weights, "token") for weights in encoded.sparse
+        ]
+    if params.return_token_usage:
+        tokens = encoded.total_tokens
+        result["token_usage"] = {
+            "prompt_tokens": tokens,
+            "completion_tokens": 0,
+            "total_tokens": tokens,
+        }
+    return FastJSONResponse(
+        {"code": 0, "message": "success", "request_id": record.request_id, "data": result}
+    )

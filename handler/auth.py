@@ -1,0 +1,61 @@
+"""Bearer API keys, as a dependency on the protected routers (`/health` and `/` stay public).
+
+Keys come from settings (API_KEY, or the Secrets Manager / SSM parameter read once at start; see
+handler/settings.py). Every allowed key is compared with `hmac.compare_digest`, all of them every
+time, so the time taken does not say which key or how much of it matched. Keys are never logged:
+the request log line has no headers, and error messages never echo what was sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from starlette.requests import Request
+
+from handler.errors import ApiError, ErrorKind
+
+
+class KeyChecker:
+    def __init__(self, keys: Sequence[str], *, unavailable_reason: str | None = None):
+        self._keys = tuple(k.encode("utf-8") for k in keys)
+        self._unavailable = unavailable_reason
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys) or self._unavailable is not None
+
+    def allows(self, presented: str) -> bool:
+        given = presented.encode("utf-8")
+        ok = False
+        for key in self._keys:  # no early exit: constant work whichever key matches
+            ok |= hmac.compare_digest(key, given)
+        return ok
+
+    def check(self, authorization: str | None) -> None:
+        if self._unavailable is not None:
+            # Fail closed: keys were configured but could not be read at start.
+            raise ApiError(ErrorKind.UNAVAILABLE, self._unavailable, code="auth_unavailable")
+        if not self._keys:
+            return
+        if not authorization:
+            raise ApiError(
+                ErrorKind.UNAUTHORIZED,
+                "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                ErrorKind.UNAUTHORIZED,
+                "Malformed Authorization header: expected 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+        if not self.allows(token.strip()):
+            raise ApiError(ErrorKind.UNAUTHORIZED, "Incorrect API key provided.")
+
+
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency for the protected routers."""
+    checker: KeyChecker = request.app.state.key_checker
+    checker.check(request.headers.get("authorization"))

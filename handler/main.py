@@ -1,0 +1,114 @@
+"""The ASGI app built from the environment: `handler.main:app` for uvicorn (Cloud Run, the GPU
+image, local use) and, through handler/lambda_function.py, for Lambda.
+
+The models load once per process, at import, behind a cached getter (`load_models`): Mangum runs
+lifespan events on every invocation, so a startup hook would reload the model per request. If
+loading fails the app still starts: /health answers 503 with the reason, every other route a 503
+in its dialect's envelope, and the log says what went wrong.
+
+    python -m handler.main        # uvicorn on 0.0.0.0:$PORT (default 8000)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from handler.app import create_app
+from handler.engine.types import ModelRegistry
+from handler.settings import Settings
+
+log = logging.getLogger("handler.main")
+
+
+@functools.cache
+def _load(
+    paths: tuple[Path, ...],
+    threads: int | None,
+    batch_token_budget: int,
+    verify: str,
+    device: str,
+    warmup: bool,
+) -> tuple[ModelRegistry | None, str | None]:
+    if not paths:
+        return None, (
+            "MODEL_PATH is not set: point it at a directory made by "
+            "`python -m model_build --out DIR` (several: comma-separated)"
+        )
+    start = time.perf_counter()
+    try:
+        # Imported here so that a broken runtime (say, onnxruntime missing) is a 503 with the
+        # reason, not an app that cannot start.
+        from handler import engine as engine_pkg
+
+        config = engine_pkg.EngineConfig(
+            threads=threads,
+            batch_token_budget=batch_token_budget,
+            verify=verify,  # type: ignore[arg-type]  # validated by Settings
+            device=device,  # type: ignore[arg-type]
+            warmup=warmup,
+        )
+        registry = engine_pkg.load_registry(list(paths), config)
+    except Exception as exc:
+        log.exception("loading the models from %s failed", ",".join(map(str, paths)))
+        return None, f"{type(exc).__name__}: {exc}"
+    log.info(
+        "loaded %s in %.0f ms",
+        ", ".join(e.info.id for e in registry),
+        (time.perf_counter() - start) * 1000.0,
+    )
+    return registry, None
+
+
+def load_models(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
+    """The registry for these settings, built once per process (and the error, if it failed)."""
+    return _load(
+        settings.model_paths,
+        settings.threads,
+        settings.batch_token_budget,
+        settings.model_verify,
+        settings.device,
+        settings.warmup,
+    )
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    """An app for these settings (default: the environment), sharing the cached registry;
+    `uvicorn --factory handler.main:build_app` works too."""
+    settings = settings or Settings()
+    registry, error = load_models(settings)
+    return create_app(settings, registry, error)
+
+
+def _configure_logging(settings: Settings) -> None:
+    root = logging.getLogger()
+    if not root.handlers:  # Lambda's runtime installs its own handler; keep it
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    root.setLevel(settings.log_level)
+
+
+settings = Settings()
+_configure_logging(settings)
+app = build_app(settings)
+
+
+def main() -> None:
+    import uvicorn
+
+    # access_log off: the app writes its own JSON line per request (handler/logging.py).
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Every setting of the service, read from the environment once and validated at start.
+
+One class, one README table (docs/api-reference.md, "Settings"). An explicit argument beats the
+environment (`Settings(model_path=...)` in tests); a bad value fails at start with a message that
+names the variable, never on the first request.
+
+API keys: `API_KEY` may hold several keys separated by commas. Instead, `API_KEY_SECRET_ARN`
+(AWS Secrets Manager) or `API_KEY_SSM_PARAMETER` (SSM Parameter Store, decrypted) names where to
+read them with boto3 at start; see `resolve_api_keys`. With none of the three, auth is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Lambda's synchronous invoke payload limit (request and response, each): 6 MB.
+LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024
+# Cloud Run's limit for a non-streamed HTTP/1 response: 32 MiB.
+CLOUD_RUN_RESPONSE_LIMIT = 32 * 1024 * 1024
+
+
+def running_on_lambda(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return bool(env.get("AWS_LAMBDA_FUNCTION_NAME"))
+
+
+def running_on_cloud_run(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return bool(env.get("K_SERVICE"))
+
+
+def default_response_limit(environ: Mapping[str, str] | None = None) -> int:
+    """0 means no limit: a plain container or laptop has no proxy that caps responses."""
+    if running_on_lambda(environ):
+        return LAMBDA_RESPONSE_LIMIT
+    if running_on_cloud_run(environ):
+        return CLOUD_RUN_RESPONSE_LIMIT
+    return 0
+
+
+class Settings(BaseSettings):
+    """Field names are the environment variables, case-insensitive (`MODEL_PATH` -> model_path)."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # ---- models -------------------------------------------------------------------------------
+    model_path: str = Field(
+        default="",
+        description="Directory made by `python -m model_build --out DIR`; several, comma-separated "
+        "(the first is the default model).",
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int | None = Field(default=None, ge=1)
+    batch_token_budget: int = Field(default=16384, ge=64)
+    model_verify: Literal["sha256", "size", "off"] = "sha256"
+    warmup: bool = True
+    allow_any_model: bool = False
+    allow_token_ids: bool = False
+
+    # ---- auth ---------------------------------------------------------------------------------
+    api_key: SecretStr | None = None
+    api_key_secret_arn: str | None = None
+    api_key_ssm_parameter: str | None = None
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+    route_prefix: str = ""
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # ---- limits -------------------------------------------------------------------------------
+    max_inputs_openai: int = Field(default=2048, ge=1)
+    max_inputs_v2: int = Field(default=100, ge=1)
+    max_inputs_native: int = Field(default=2048, ge=1)
+    max_input_tokens: int | None = Field(default=None, ge=3)
+    max_tokens_per_request: int = Field(default=300_000, ge=1)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_response_bytes: int | None = Field(default=None, ge=0)
+    max_concurrent_requests: int = Field(default=32, ge=1)
+    retry_after_seconds: int = Field(default=1, ge=1)
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _normalise_prefix(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            value = "/" + value
+        if any(c.isspace() for c in value) or "?" in value or "#" in value:
+            raise ValueError(f"ROUTE_PREFIX {value!r} must be a plain URL path like /embed")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("device", "model_verify", mode="before")
+    @classmethod
+    def _lower_choice(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator(
+        "api_key_secret_arn",
+        "api_key_ssm_parameter",
+        "threads",
+        "max_input_tokens",
+        "max_response_bytes",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: Any) -> Any:
+        # An empty API_KEY (seed 004's docker-compose sets `API_KEY: ""`) means "no auth".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        sources = [
+            name
+            for name, value in (
+                ("API_KEY", self.api_key),
+                ("API_KEY_SECRET_ARN", self.api_key_secret_arn),
+                ("API_KEY_SSM_PARAMETER", self.api_key_ssm_parameter),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"set only one of {', '.join(sources)}")
+        if self.api_key is not None and not split_keys(self.api_key.get_secret_value()):
+            raise ValueError("API_KEY holds no key (only commas and spaces)")
+        return self
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def model_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(p.strip()) for p in self.model_path.split(",") if p.strip())
+
+    @property
+    def response_limit(self) -> int:
+        """Bytes a response may have; 0 = unlimited. Default per platform (Lambda 6 MB, Cloud Run
+        32 MiB, elsewhere none)."""
+        if self.max_response_bytes is not None:
+            return self.max_response_bytes
+        return default_response_limit()
+
+    @property
+    def auth_configured(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.api_key, self.api_key_secret_arn, self.api_key_ssm_parameter)
+        )
+
+
+def split_keys(value: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+def _keys_from_document(value: str) -> tuple[str, ...]:
+    """A secret holds either the key(s) as text ("k1,k2"), a JSON list of keys, or a JSON object
+    with an `API_KEY` / `api_key` / `api_keys` entry (Secrets Manager's key/value form)."""
+    text = value.strip()
+    if text[:1] in "[{":
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, list):
+            return tuple(str(k).strip() for k in doc if str(k).strip())
+        if isinstance(doc, dict):
+            for name in ("API_KEY", "api_key", "API_KEYS", "api_keys"):
+                if name in doc:
+                    entry = doc[name]
+                    if isinstance(entry, list):
+                        return tuple(str(k).strip() for k in entry if str(k).strip())
+                    return split_keys(str(entry))
+            raise ValueError("the secret is a JSON object without an API_KEY entry")
+    return split_keys(text)
+
+
+def resolve_api_keys(settings: Settings, *, boto3_session: Any = None) -> tuple[str, ...]:
+    """The allowed keys; () means auth is off. Reads AWS once, at start. Raises with a message
+    that names the variable (never the key) when the secret cannot be read or is empty."""
+    if settings.api_key is not None:
+        return split_keys(settings.api_key.get_secret_value())
+    if settings.api_key_secret_arn is None and settings.api_key_ssm_parameter is None:
+        return ()
+    import boto3  # only when a secret is configured: plain containers need no AWS
+
+    session = boto3_session or boto3.session.Session()
+    if settings.api_key_secret_arn is not None:
+        where = f"API_KEY_SECRET_ARN={settings.api_key_secret_arn}"
+        try:
+            reply = session.client("secretsmanager").get_secret_value(
+                SecretId=settings.api_key_secret_arn
+            )
+            text = reply.get("SecretString")
+            if text is None:
+                raise ValueError("the secret has no SecretString (binary secrets are not read)")
+            keys = _keys_from_document(str(text))
+        except Exception as exc:
+            reason = _aws_reason(exc)
+            raise RuntimeError(f"cannot read the API key from {where}: {reason}") from None
+    else:
+        where = f"API_KEY_SSM_PARAMETER={settings.api_key_ssm_parameter}"
+        try:
+            reply = session.client("ssm").get_parameter(
+                Name=settings.api_key_ssm_parameter, WithDecryption=True
+            )
+            keys = _keys_from_document(str(reply["Parameter"]["Value"]))
+        except Exception as exc:
+            reason = _aws_reason(exc)
+            raise RuntimeError(f"cannot read the API key from {where}: {reason}") from None
+    if not keys:
+        raise RuntimeError(f"{where} holds no key")
+    return keys
+
+
+def _aws_reason(exc: Exception) -> str:
+    """The error class and AWS error code, never the secret's value."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return f"{type(exc).__name__} ({code})"
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return type(exc).__name__

@@ -1,0 +1,315 @@
+"""Deterministic fake engines implementing handler.engine.types.EmbeddingEngine, for route tests.
+
+- Tokens are whitespace-separated words (plus <s> and </s>); a word's id is a hash of it.
+- Vectors are seeded by the token ids actually used (so truncation changes them), L2-normalised.
+- Sparse weights: one hashed weight in (0, 1) per distinct word; ColBERT: one row per token
+  after <s>. The same input always gives the same numbers, in any batch, in any order.
+
+`bge_m3_like()` has all three outputs; `dense_only()` has dense only, like the MiniLM build.
+`FakeEngine.gate` lets a test hold a request inside the engine (for the in-flight limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from handler.engine.errors import CapabilityError, InputError, InputTooLongError
+from handler.engine.types import (
+    DEFAULT_SCORE_WEIGHTS,
+    Capabilities,
+    Encoded,
+    FloatArray,
+    ModelInfo,
+    ModelRegistry,
+    Scores,
+)
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+SPECIALS = {BOS, PAD, EOS, UNK}
+
+
+def _unit(seed_bytes: bytes, shape: tuple[int, ...]) -> FloatArray:
+    seed = int.from_bytes(hashlib.sha256(seed_bytes).digest()[:8], "little")
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+def _weight(token_id: int) -> float:
+    return ((zlib.crc32(f"w{token_id}".encode()) % 9973) + 1) / 10000.0
+
+
+@dataclass
+class FakeEngine:
+    model_id: str = "bge-m3"
+    aliases: tuple[str, ...] = ("BAAI/bge-m3",)
+    dims: int = 32
+    max_length: int = 64
+    vocab_size: int = 250_002
+    capabilities: Capabilities = field(
+        default_factory=lambda: Capabilities(dense=True, sparse=True, colbert=True)
+    )
+    recipe: str = "bge-m3"
+    gate: threading.Event | None = None
+    entered: threading.Event = field(default_factory=threading.Event)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    _words: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            id=self.model_id,
+            aliases=self.aliases,
+            dims=self.dims,
+            max_length=self.max_length,
+            vocab_size=self.vocab_size,
+            capabilities=self.capabilities,
+            recipe=self.recipe,
+            precision="fp32",
+            fingerprint=hashlib.sha256(self.model_id.encode()).hexdigest(),
+            source="BAAI/bge-m3" if self.recipe == "bge-m3" else "/models/minilm",
+            revision="5617a9f61b028005a4858fdac845db406aefb181",
+            created=1_700_000_000,
+            device="cpu",
+        )
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    def word_id(self, word: str) -> int:
+        token_id = 4 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 4)
+        self._words.setdefault(token_id, word)
+        return token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return [BOS, *(self.word_id(w) for w in text.split()), EOS]
+
+    def _cut(self, ids: list[int], limit: int, truncate: bool, index: int) -> list[int]:
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise InputTooLongError(
+                f"input {index} has {len(ids)} tokens, more than the limit of {limit}",
+                index=index,
+                tokens=len(ids),
+                limit=limit,
+            )
+        return [*ids[: limit - 1], ids[-1]]
+
+    def _limit(self, max_length: int | None) -> int:
+        if max_length is None:
+            return self.max_length
+        if max_length < 3:
+            raise InputError("max_length must be greater than 2", param="max_length")
+        return min(max_length, self.max_length)
+
+    # ---- EmbeddingEngine -------------------------------------------------------------------
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        self.calls.append(("count_tokens", {"n": len(texts)}))
+        return [min(len(self.tokenize(t)), self.max_length) for t in texts]
+
+    def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token_id, w in weights.items():
+            text = self._words.get(token_id, f"tok{token_id}")
+            out[text] = max(w, out.get(text, float("-inf")))
+        return out
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded:
+        self.calls.append(
+            (
+                "encode",
+                {
+                    "texts": list(texts),
+                    "dense": dense,
+                    "sparse": sparse,
+                    "colbert": colbert,
+                    "max_length": max_length,
+                    "truncate": truncate,
+                },
+            )
+        )
+        limit = self._limit(max_length)
+        ids = [self._cut(self.tokenize(t), limit, truncate, i) for i, t in enumerate(texts)]
+        return self._run(ids, dense, sparse, colbert)
+
+    def encode_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        max_length: int | None = None,
+        truncate: bool = True,
+    ) -> Encoded:
+        self.calls.append(("encode_ids", {"ids": [list(s) for s in ids], "truncate": truncate}))
+        limit = self._limit(max_length)
+        checked = []
+        for i, seq in enumerate(ids):
+            if not seq or any(not 0 <= t < self.vocab_size for t in seq):
+                raise InputError(f"input {i} has bad token ids", param="input")
+            checked.append(self._cut(list(seq), limit, truncate, i))
+        return self._run(checked, dense, sparse, colbert)
+
+    def _run(self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool) -> Encoded:
+        asked = {"dense": dense, "sparse": sparse, "colbert": colbert}
+        if not any(asked.values()):
+            raise InputError("ask for at least one of dense, sparse or colbert")
+        for head, on in asked.items():
+            if on and not getattr(self.capabilities, head):
+                raise CapabilityError(f"model '{self.model_id}' has no {head} output", param=head)
+        if self.gate is not None:
+            self.entered.set()
+            assert self.gate.wait(timeout=30), "test gate was never opened"
+        return Encoded(
+            dense=np.stack([self.dense_of(s) for s in ids]) if dense else None,
+            sparse=[self.sparse_of(s) for s in ids] if sparse else None,
+            colbert=[self.colbert_of(s) for s in ids] if colbert else None,
+            token_counts=[len(s) for s in ids],
+            timings_ms={"tokenize": 0.5, "infer": 2.0, "post": 0.25},
+        )
+
+    # ---- the numbers, also used by tests to compute expectations ---------------------------
+    def dense_of(self, ids: Sequence[int]) -> FloatArray:
+        return _unit(f"{self.model_id}:dense:{list(ids)}".encode(), (self.dims,))
+
+    def sparse_of(self, ids: Sequence[int]) -> dict[int, float]:
+        return {t: _weight(t) for t in ids if t not in SPECIALS}
+
+    def colbert_of(self, ids: Sequence[int]) -> FloatArray:
+        return _unit(f"{self.model_id}:colbert:{list(ids)}".encode(), (len(ids) - 1, self.dims))
+
+    def expected_dense(self, text: str) -> FloatArray:
+        return self.dense_of(self._cut(self.tokenize(text), self.max_length, True, 0))
+
+    def score(
+        self,
+        sentences_1: Sequence[str],
+        sentences_2: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        max_length: int | None = None,
+    ) -> Scores:
+        if len(sentences_1) != len(sentences_2):
+            raise InputError("sentences_1 and sentences_2 must pair up", param="sentences_2")
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise InputError("weights must be three non-negative numbers", param="weights")
+        full = self.capabilities.sparse and self.capabilities.colbert
+        both = self.encode(
+            [*sentences_1, *sentences_2],
+            sparse=full,
+            colbert=full,
+            max_length=max_length,
+        )
+        n = len(sentences_1)
+        assert both.dense is not None
+        dense = [float(both.dense[i] @ both.dense[n + i]) for i in range(n)]
+        if both.sparse is None or both.colbert is None:
+            return Scores(dense, None, None, None, None, both.token_counts, both.timings_ms)
+        sp = [
+            float(sum(w * both.sparse[n + i].get(t, 0.0) for t, w in both.sparse[i].items()))
+            for i in range(n)
+        ]
+        cb = [float((both.colbert[i] @ both.colbert[n + i].T).max(axis=1).mean()) for i in range(n)]
+        wd, ws, wc = weights
+        sd = [
+            (wd * d + ws * s) / (wd + ws) if wd + ws else 0.0
+            for d, s in zip(dense, sp, strict=True)
+        ]
+        csd = [
+            (wd * d + ws * s + wc * c) / (wd + ws + wc)
+            for d, s, c in zip(dense, sp, cb, strict=True)
+        ]
+        return Scores(dense, sp, cb, sd, csd, both.token_counts, both.timings_ms)
+
+
+def bge_m3_like(**kwargs: Any) -> FakeEngine:
+    return FakeEngine(**kwargs)
+
+
+def dense_only(**kwargs: Any) -> FakeEngine:
+    params: dict[str, Any] = {
+        "model_id": "all-MiniLM-L6-v2",
+        "aliases": ("sentence-transformers/all-MiniLM-L6-v2", "minilm"),
+        "dims": 24,
+        "max_length": 32,
+        "vocab_size": 30522,
+        "capabilities": Capabilities(dense=True, sparse=False, colbert=False),
+        "recipe": "dense",
+    }
+    params.update(kwargs)
+    return FakeEngine(**params)
+
+
+def registry(*engines: FakeEngine) -> ModelRegistry:
+    return ModelRegistry(list(engines) or [bge_m3_like()])
+
+
+# ---- app and server helpers for the API tests ------------------------------------------------
+
+
+def settings(**overrides: Any) -> Any:
+    """Settings for a test: explicit values only where the environment could interfere."""
+    from handler.settings import Settings
+
+    base: dict[str, Any] = {"model_path": "", "api_key": None, "max_response_bytes": 0}
+    base.update(overrides)
+    return Settings(**base)
+
+
+def make_app(*engines: FakeEngine, **overrides: Any) -> Any:
+    from handler.app import create_app
+
+    return create_app(settings(**overrides), registry(*engines))
+
+
+class LiveServer:
+    """The app on a real uvicorn server on 127.0.0.1 (a free port), in a thread."""
+
+    def __init__(self, app: Any):
+        import socket
+
+        import uvicorn
+
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:  # readiness poll, bounded; no test asserts on time
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._socket.close()

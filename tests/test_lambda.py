@@ -1,0 +1,315 @@
+"""Captured Lambda events through the Mangum handler (REST v1, HTTP API v2 and v1.0 payloads,
+Function URL, ALB single- and multi-value headers, base64 bodies), and the entry point itself.
+
+Each event (tests/data/lambda_events/, sources in SOURCES.txt there) keeps everything as captured
+except its method, path and body, which become one of our routes. Events captured with
+`isBase64Encoded: true` get our JSON body base64-encoded, so the decoding path runs too.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fakes import FakeEngine, bge_m3_like, make_app, registry
+from mangum import Mangum
+
+import handler.logging as request_logging
+from handler.lambda_adapter import STRICT_HANDLERS
+
+EVENTS_DIR = Path(__file__).resolve().parent / "data" / "lambda_events"
+BAD_BASE64 = "rest_v1_isBase64Encoded_true_but_body_not_base64_powertools.json"
+EVENT_FILES = sorted(p.name for p in EVENTS_DIR.glob("*.json"))
+GOOD_EVENTS = [name for name in EVENT_FILES if name != BAD_BASE64]
+V2 = "/api/data/embedding/version/2"
+
+
+def load_event(name: str) -> dict[str, Any]:
+    # Some captures start with a UTF-8 BOM (alb_put_base64_body..., http_api_v2_put_json...).
+    event: dict[str, Any] = json.loads((EVENTS_DIR / name).read_text(encoding="utf-8-sig"))
+    return event
+
+
+@dataclass
+class Context:
+    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
+    function_name: str = "bge-m3"
+    function_version: str = "$LATEST"
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:bge-m3"
+    memory_limit_in_mb: int = 3008
+    log_group_name: str = "/aws/lambda/bge-m3"
+    log_stream_name: str = "2024/01/01/[$LATEST]abc"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 900_000
+
+
+def with_request(
+    event: dict[str, Any],
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The captured event with our method, path and body; everything else as captured."""
+    e = copy.deepcopy(event)
+    http = e.get("requestContext", {}).get("http")
+    if http is not None:  # HTTP API payload 2.0 and Function URLs
+        http["method"] = method
+        http["path"] = path
+        e["rawPath"] = path
+    else:  # REST v1, HTTP API payload 1.0, ALB
+        e["httpMethod"] = method
+        e["path"] = path
+    if body is not None:
+        raw = json.dumps(body).encode()
+        e["body"] = base64.b64encode(raw).decode() if e.get("isBase64Encoded") else raw.decode()
+    for name, value in (headers or {}).items():
+        if "multiValueHeaders" in e and e["multiValueHeaders"] is not None:
+            e["multiValueHeaders"][name] = [value]
+        if e.get("headers") is not None or "multiValueHeaders" not in e:
+            e.setdefault("headers", {})[name] = value
+    return e
+
+
+def response_headers(result: dict[str, Any]) -> dict[str, str]:
+    out = {k.lower(): v for k, v in (result.get("headers") or {}).items()}
+    for k, values in (result.get("multiValueHeaders") or {}).items():
+        out[k.lower()] = values[-1]
+    return out
+
+
+def invoke(
+    handler: Any, event: dict[str, Any], context: Context
+) -> tuple[int, Any, dict[str, str]]:
+    result = handler(event, context)
+    assert result["isBase64Encoded"] is False
+    return result["statusCode"], json.loads(result["body"]), response_headers(result)
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeEngine:
+    return bge_m3_like()
+
+
+@pytest.fixture(scope="module")
+def lambda_handler(fake: FakeEngine) -> Mangum:
+    return Mangum(make_app(fake), lifespan="off", custom_handlers=STRICT_HANDLERS)
+
+
+ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("POST", "/v1/embeddings", {"model": "bge-m3", "input": ["hello lambda", "x"]}),
+    (
+        "POST",
+        V2,
+        {"model": {"model_name": "bge-m3"}, "data": [{"data_type": "text", "text": "hi"}]},
+    ),
+    ("POST", "/embeddings", {"input": "hello lambda", "input_type": {"colbert": True}}),
+    ("POST", "/score", {"sentences_1": ["a b"], "sentences_2": ["a c"]}),
+    ("GET", "/health", None),
+    ("GET", "/v1/models", None),
+]
+
+
+@pytest.mark.parametrize("event_name", GOOD_EVENTS)
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+def test_captured_events_reach_every_route(
+    lambda_handler: Mangum,
+    fake: FakeEngine,
+    event_name: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+) -> None:
+    context = Context(aws_request_id=f"req-{event_name}-{path}")
+    event = with_request(load_event(event_name), method, path, body)
+    status, payload, headers = invoke(lambda_handler, event, context)
+    assert status == 200, payload
+    # The Lambda request id is the request id: header, v2 body, log line.
+    assert headers["x-request-id"] == context.aws_request_id
+    assert headers["content-type"] == "application/json"
+    if path == "/v1/embeddings":
+        np.testing.assert_array_equal(
+            np.array(payload["data"][0]["embedding"], dtype=np.float32),
+            fake.expected_dense("hello lambda"),
+        )
+    elif path == V2:
+        assert payload["code"] == 0 and payload["request_id"] == context.aws_request_id
+    elif path == "/embeddings":
+        assert {"dense_vecs", "sparse_vecs", "colbert_vecs"} <= set(payload)
+    elif path == "/score":
+        assert "colbert+sparse+dense" in payload
+    elif path == "/health":
+        assert payload["status"] == "healthy"
+    else:
+        assert payload["data"][0]["id"] == "bge-m3"
+
+
+@pytest.mark.parametrize("event_name", GOOD_EVENTS)
+def test_response_header_style_follows_the_event(lambda_handler: Mangum, event_name: str) -> None:
+    event = load_event(event_name)
+    result = lambda_handler(with_request(event, "GET", "/health", None), Context())
+    if "elb" in event["requestContext"]:
+        # ALB answers in the style it was asked in: multiValueHeaders iff the event had them.
+        assert ("multiValueHeaders" in result) == ("multiValueHeaders" in event)
+        assert ("headers" in result) != ("multiValueHeaders" in event)
+    elif event.get("version") == "2.0":
+        assert "headers" in result and "multiValueHeaders" not in result
+    else:
+        assert "headers" in result and "multiValueHeaders" in result
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "check"),
+    [
+        ("POST", "/v1/embeddings", lambda p: p["error"]["code"] == "invalid_base64_body"),
+        ("POST", V2, lambda p: p["code"] == 1000003 and "base64" in p["message"]),
+        ("POST", "/embeddings", lambda p: p["error"]["type"] == "invalid_request_error"),
+        ("GET", "/health", lambda p: "base64" in p["error"]["message"]),
+    ],
+)
+def test_body_that_is_not_base64_is_400_not_500(
+    lambda_handler: Mangum, method: str, path: str, check: Any
+) -> None:
+    # GIVEN the captured event whose body says base64 but is "Hello from Lambda!"
+    event = with_request(load_event(BAD_BASE64), method, path, None)
+    assert event["isBase64Encoded"] is True and event["body"] == "Hello from Lambda!"
+    # THEN plain Mangum raises binascii.Error; ours answers 400 in the dialect's envelope
+    status, payload, headers = invoke(lambda_handler, event, Context(aws_request_id="bad-b64"))
+    assert status == 400 and check(payload), payload
+    assert headers["x-request-id"] == "bad-b64"
+
+
+def test_plain_mangum_would_have_crashed_on_that_event() -> None:
+    import binascii
+
+    plain = Mangum(make_app(), lifespan="off")
+    event = with_request(load_event(BAD_BASE64), "GET", "/health", None)
+    with pytest.raises(binascii.Error):
+        plain(event, Context())
+
+
+@pytest.mark.parametrize("event_name", GOOD_EVENTS)
+def test_api_key_through_every_event_source(event_name: str) -> None:
+    handler = Mangum(
+        make_app(api_key="lambda-key"), lifespan="off", custom_handlers=STRICT_HANDLERS
+    )
+    body = {"model": "bge-m3", "input": "x"}
+    event = load_event(event_name)
+    status, payload, _ = invoke(
+        handler, with_request(event, "POST", "/v1/embeddings", body), Context()
+    )
+    assert status == 401 and payload["error"]["code"] == "missing_api_key"
+    authorized = with_request(
+        event, "POST", "/v1/embeddings", body, {"authorization": "Bearer lambda-key"}
+    )
+    status, payload, _ = invoke(handler, authorized, Context())
+    assert status == 200, payload
+
+
+def test_response_over_lambdas_limit_is_413_not_an_opaque_502() -> None:
+    handler = Mangum(
+        make_app(max_response_bytes=6000), lifespan="off", custom_handlers=STRICT_HANDLERS
+    )
+    texts = [f"word{i} other{i}" for i in range(40)]
+    body = {
+        "model": {"model_name": "bge-m3"},
+        "data": [{"data_type": "text", "text": t} for t in texts],
+    }
+    event = with_request(load_event("http_api_v2_post_json_powertools.json"), "POST", V2, body)
+    status, payload, _ = invoke(handler, event, Context())
+    assert status == 413 and payload["code"] == 1000003
+    assert "base64" in payload["message"] and "fewer inputs" in payload["message"]
+
+
+# ---- the entry point -----------------------------------------------------------------------------
+
+
+def test_entry_point_loads_the_model_once_across_invocations(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import handler.engine as engine_pkg
+
+    loads: list[tuple[list[Path], Any]] = []
+    served = bge_m3_like()
+
+    def counting_load_registry(paths: list[Path], config: Any) -> Any:
+        loads.append((list(paths), config))
+        return registry(served)
+
+    monkeypatch.setattr(engine_pkg, "load_registry", counting_load_registry)
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "bge-m3-int8"))
+    monkeypatch.setenv("MODEL_VERIFY", "size")
+    monkeypatch.delenv("API_KEY", raising=False)
+    # A fresh import, as in a new container: handler.main builds the app (and loads) at import.
+    for name in ("handler.lambda_function", "handler.main"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import handler.lambda_function as entry
+
+    assert len(loads) == 1
+    assert loads[0][0] == [tmp_path / "bge-m3-int8"]
+    assert loads[0][1].verify == "size" and loads[0][1].device == "cpu"
+
+    routes = [r for r in ROUTES if r[0] == "POST"]
+    for i in range(25):
+        method, path, body = routes[i % len(routes)]
+        event = with_request(load_event(GOOD_EVENTS[i % len(GOOD_EVENTS)]), method, path, body)
+        status, payload, _ = invoke(entry.handler, event, Context(aws_request_id=f"r{i}"))
+        assert status == 200, payload
+    assert len(loads) == 1
+
+
+def test_entry_point_starts_and_reports_when_loading_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # GIVEN a MODEL_PATH that is not a model directory, and the real loader
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "missing"))
+    for name in ("handler.lambda_function", "handler.main"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import handler.lambda_function as entry
+
+    event = load_event("function_url_get_powertools.json")
+    status, payload, _ = invoke(
+        entry.handler, with_request(event, "GET", "/health", None), Context()
+    )
+    assert status == 503 and payload["model_loaded"] is False
+    assert "manifest.json" in payload["error"]
+    status, payload, _ = invoke(
+        entry.handler,
+        with_request(event, "POST", "/v1/embeddings", {"model": "bge-m3", "input": "x"}),
+        Context(),
+    )
+    assert status == 503 and payload["error"]["code"] == "model_not_loaded"
+
+
+def test_log_line_carries_the_lambda_request_id(lambda_handler: Mangum) -> None:
+    lines: list[dict[str, Any]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.payload)  # type: ignore[attr-defined]
+
+    logger = logging.getLogger(request_logging.REQUEST_LOGGER)
+    capture = Capture()
+    logger.addHandler(capture)
+    try:
+        event = with_request(
+            load_event("rest_v1_post_json_real_capture_aws_lambda_dotnet.json"),
+            "POST",
+            "/v1/embeddings",
+            {"model": "bge-m3", "input": "x y"},
+        )
+        invoke(lambda_handler, event, Context(aws_request_id="93432dd3-lambda"))
+    finally:
+        logger.removeHandler(capture)
+    (line,) = lines
+    assert line["request_id"] == "93432dd3-lambda"
+    assert line["route"] == "/v1/embeddings" and line["tokens"] == 4
