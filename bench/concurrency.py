@@ -1,0 +1,181 @@
+"""Concurrency: `python -m handler.main` (uvicorn) on 127.0.0.1 and N clients, each sending its
+share of a bounded number of POST /v1/embeddings requests, one after another.
+
+Everything is bounded: the server must answer /health within `start_timeout_s`, each level stops
+issuing requests after `level_timeout_s`, each request times out, and the server is always stopped
+(SIGTERM, then SIGKILL) whatever happens. Only loopback is ever addressed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    REPO_ROOT,
+    Json,
+    ms_since,
+    peak_rss_mib,
+    percentile,
+    rss_mib,
+    say,
+    stop_process,
+)
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    levels: tuple[int, ...]
+    requests_per_client: int
+    min_requests: int
+    start_timeout_s: float
+    level_timeout_s: float
+    request_timeout_s: float
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _request(
+    conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None
+) -> tuple[int, bytes]:
+    headers = {"content-type": "application/json"} if body is not None else {}
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was healthy")
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            status, _ = _request(conn, "GET", "/health", None)
+            conn.close()
+            if status == 200:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the server was not healthy after {timeout_s:.0f} s")
+
+
+def run_level(port: int, clients: int, total: int, text: str, plan: Plan) -> Json:
+    body = json.dumps({"input": [text], "model": "bge-m3", "encoding_format": "float"}).encode()
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+    counter = iter(range(total))  # shared: each request is taken once, by whichever client
+    deadline = time.monotonic() + plan.level_timeout_s
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=plan.request_timeout_s)
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t = time.perf_counter()
+                try:
+                    status, _ = _request(conn, "POST", "/v1/embeddings", body)
+                    key = str(status)
+                except (OSError, http.client.HTTPException) as exc:
+                    key = type(exc).__name__
+                    conn.close()
+                    conn = http.client.HTTPConnection(HOST, port, timeout=plan.request_timeout_s)
+                elapsed = ms_since(t)
+                with lock:
+                    statuses[key] = statuses.get(key, 0) + 1
+                    if key == "200":
+                        latencies.append(elapsed)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=plan.level_timeout_s + plan.request_timeout_s + 5)
+    wall = time.perf_counter() - start
+    ok = len(latencies)
+    return {
+        "clients": clients,
+        "requests": sum(statuses.values()),
+        "planned": total,
+        "ok": ok,
+        "statuses": statuses,
+        "seconds": round(wall, 3),
+        "requests_per_s": round(ok / wall, 2) if wall > 0 else None,
+        "p50_ms": round(percentile(latencies, 50), 2) if latencies else None,
+        "p95_ms": round(percentile(latencies, 95), 2) if latencies else None,
+        "stopped_by_deadline": time.monotonic() >= deadline,
+    }
+
+
+def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) -> Json:
+    """Start the server on a free loopback port, run every level, always stop the server."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(artifact),
+        "PORT": str(port),
+        "HOST": HOST,
+        "MODEL_VERIFY": os.environ.get("MODEL_VERIFY", "size"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    result: Json = {"port": port, "tokens_per_request": tokens, "levels": {}}
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "handler.main"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            start_s = wait_healthy(proc, port, plan.start_timeout_s)
+            result["start_s"] = round(start_s, 3)
+            result["rss_after_load_mib"] = round(rss_mib(proc.pid), 1)
+            say("concurrency", f"server healthy on {HOST}:{port} after {start_s:.1f}s")
+            warm = run_level(port, 1, 1, text, plan)  # one request: the route's first call
+            if warm["ok"] != 1:
+                raise RuntimeError(f"the first request failed: {warm['statuses']}")
+            for clients in plan.levels:
+                total = max(plan.min_requests, clients * plan.requests_per_client)
+                level = run_level(port, clients, total, text, plan)
+                result["levels"][str(clients)] = level
+                say(
+                    "concurrency",
+                    f"{clients:>2} clients: {level['ok']}/{level['planned']} ok, "
+                    f"{level['requests_per_s']} req/s, p95 {level['p95_ms']} ms",
+                )
+            result["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)
+        except Exception as exc:
+            result["error"] = f"{exc}; server log: {log_file}"
+        finally:
+            stop_process(proc)
+    if "error" in result:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
+        result["server_log_tail"] = tail
+        say("concurrency", f"FAILED: {result['error']}")
+    return result
