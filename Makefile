@@ -37,8 +37,9 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
+# cfn-lint 1.x has no __main__ module; its runner is the console script's entry point.
 cfn-lint:
-	$(PYTHON) -m cfnlint template.yaml
+	$(PYTHON) -c "from cfnlint.runner import main; main()" template.yaml
 
 check: lint typecheck cfn-lint
 
@@ -50,7 +51,7 @@ test: setup-dev check
 	$(MAKE) test-image
 
 test-image:
-	bash infra/scripts/ci_image_test.sh
+	PYTHON=$(PYTHON) bash infra/scripts/ci_image_test.sh
 
 bench:
 	$(PYTHON) -m bench

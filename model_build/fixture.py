@@ -71,7 +71,8 @@ def make_bge_m3_layout(out: Path, *, size: Size = "tiny", seed: int = 0) -> Path
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = XLMRobertaConfig(**{k: v for k, v in config_dict.items() if not k.startswith("_")})
-    model = XLMRobertaModel(config).eval()
+    model = XLMRobertaModel(config)
+    model.eval()  # type: ignore[no-untyped-call]
     hidden = int(config_dict["hidden_size"])
     colbert = torch.nn.Linear(hidden, hidden)
     sparse = torch.nn.Linear(hidden, 1)
@@ -99,7 +100,9 @@ def make_bge_m3_layout(out: Path, *, size: Size = "tiny", seed: int = 0) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_build.fixture", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m model_build.fixture", description=(__doc__ or "").split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)

@@ -107,7 +107,11 @@ def build(choice: Choice, models_dir: Path) -> Path:
     manifest = out / "manifest.json"
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())
-        if recorded.get("recipe") == choice.recipe and recorded.get("precision") == choice.precision:
+        same = (recorded.get("recipe"), recorded.get("precision")) == (
+            choice.recipe,
+            choice.precision,
+        )
+        if same:
             say(f"reusing {out} (delete it to rebuild)")
             return out
     say(f"building {choice.source} ({choice.recipe}, {choice.precision}) into {out} ...")

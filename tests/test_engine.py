@@ -7,6 +7,7 @@ same BGE-M3-layout fixture directory that the artifact was built from.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -160,14 +161,14 @@ def test_tampered_byte_is_refused_naming_the_file(tiny_fp32: Path, tmp_path: Pat
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match=target.name):
+    with pytest.raises(ModelLoadError, match=re.escape(target.name)):
         Engine.load(copy)
 
 
 def test_missing_file_is_refused_naming_the_file(tiny_fp32: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(tiny_fp32, tmp_path / "model")
     (copy / "tokenizer.json").unlink()
-    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
         Engine.load(copy)
 
 
