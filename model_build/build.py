@@ -48,6 +48,7 @@ class BuildOptions:
     cache_dir: Path | None = None
     opset: int = recipes.DEFAULT_OPSET
     fault_inject: str | None = None
+    int8_weights: str = "s8"  # "u8" for x86 without VNNI (see model_build/quantize.py)
     keep_staging: bool = False  # debugging: keep the staging dir of a failed build
 
 
@@ -216,7 +217,11 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
             quant = precision.to_fp16(exported, final, progress)
         else:
             quant = precision.to_int8(
-                exported, final, fault_inject=options.fault_inject, progress=progress
+                exported,
+                final,
+                fault_inject=options.fault_inject,
+                weights=options.int8_weights,
+                progress=progress,
             )
             if smooth_report is not None:
                 quant = {**quant, "smoothquant": smooth_report}

@@ -50,7 +50,7 @@ def to_fp16(src: Path, dst: Path, progress: Progress) -> dict[str, Any]:
 
 
 def to_int8(
-    src: Path, dst: Path, *, fault_inject: str | None, progress: Progress
+    src: Path, dst: Path, *, fault_inject: str | None, weights: str, progress: Progress
 ) -> dict[str, Any]:
     try:
         from model_build.quantize import quantize_int8
@@ -59,7 +59,7 @@ def to_int8(
             f"--precision int8 needs the quantizer (model_build/quantize.py): {exc}"
         ) from exc
     progress.log("quantize", "int8 quantization (model_build.quantize.quantize_int8)")
-    report = quantize_int8(src, dst, fault_inject=fault_inject)
+    report = quantize_int8(src, dst, fault_inject=fault_inject, weights=weights)
     normalize_external_data(dst)
     return dict(report)
 

@@ -836,12 +836,17 @@ def quantize_int8_with(
     }
 
 
-def quantize_int8(src: Path, dst: Path, *, fault_inject: str | None = None) -> dict[str, Any]:
+def quantize_int8(
+    src: Path, dst: Path, *, fault_inject: str | None = None, weights: str = "s8"
+) -> dict[str, Any]:
     """Quantize the fp32 graph `src` (external data beside it) to the int8 graph `dst` (its data
     in `<dst name>_data` beside it). Returns a JSON-able report: method, kernel, what stayed fp32
     and why, and the measurements behind the design.
 
     `fault_inject="int8-weight-scale"` multiplies the weight scales of every int8 MatMul (and of
     every other word-embedding row) by 1.7: a deliberately broken model, for checking that the
-    fidelity gate refuses it."""
-    return quantize_int8_with(src, dst, Int8Options(), fault_inject=fault_inject)
+    fidelity gate refuses it. `weights="u8"` picks the kernel that is exact on x86 without VNNI."""
+    if weights not in ("s8", "u8"):
+        raise ValueError(f"weights must be 's8' or 'u8', got {weights!r}")
+    options = Int8Options(weights="u8" if weights == "u8" else "s8")
+    return quantize_int8_with(src, dst, options, fault_inject=fault_inject)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,15 @@ def test_pad_right_pads_with_mask() -> None:
     assert ids.dtype == np.int64 and mask.dtype == np.int64
     assert ids.tolist() == [[0, 5, 2], [0, 2, 1]]
     assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_vnni_detection_reads_cpu_flags() -> None:
+    from handler.engine.session import x86_without_vnni
+
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        # Only x86 has the saturating kernel: elsewhere the answer is always "no problem".
+        assert x86_without_vnni("flags\t: fpu\n") is False
+        return
+    assert x86_without_vnni("flags\t: fpu sse2 avx2 avx512f\n") is True
+    assert x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n") is False
+    assert x86_without_vnni("flags\t: fpu avx2 avx_vnni\n") is False

@@ -19,7 +19,13 @@ from handler.engine import heads, scoring
 from handler.engine.batching import pad, plan_batches
 from handler.engine.errors import CapabilityError, InputError, ModelLoadError
 from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
-from handler.engine.session import Device, create_session, default_threads, session_device
+from handler.engine.session import (
+    Device,
+    create_session,
+    default_threads,
+    session_device,
+    x86_without_vnni,
+)
 from handler.engine.tokenizer import TextTokenizer
 from handler.engine.types import (
     DEFAULT_SCORE_WEIGHTS,
@@ -96,6 +102,18 @@ class Engine:
             )
 
         engine = cls(manifest, tokenizer, session, config, threads, timings)
+        quant_options = manifest.raw.get("quantization", {}).get("options", {})
+        if (
+            manifest.precision == "int8"
+            and quant_options.get("weights", "s8") == "s8"
+            and session_device(session) == "cpu"
+            and x86_without_vnni()
+        ):
+            log.warning(
+                "%s: this x86 CPU has no VNNI, where int8 models built with s8 weights lose "
+                "accuracy; rebuild with `python -m model_build --int8-weights u8`",
+                manifest.model_id,
+            )
         if config.warmup:
             # The first run of a shape plans memory; pay it at load, not in the first request.
             t = time.perf_counter()

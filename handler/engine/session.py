@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,21 @@ def default_threads(environ: dict[str, str] | None = None) -> int:
         vcpus = min(LAMBDA_MAX_VCPUS, max(1, round(int(memory) / LAMBDA_MB_PER_VCPU)))
         return max(1, min(cores, vcpus))
     return max(1, cores)
+
+
+def x86_without_vnni(cpuinfo: str | None = None) -> bool:
+    """True on an x86 CPU without AVX-512 VNNI or AVX-VNNI. There MLAS multiplies uint8 by int8
+    through VPMADDUBSW, whose int16 pair sums saturate: int8 models built with s8 weights lose
+    accuracy (measured: dense cosine min 0.983 instead of 0.995). Build with --int8-weights u8."""
+    if platform.machine().lower() not in {"x86_64", "amd64", "i686", "i386"}:
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False  # unknown: say nothing rather than cry wolf
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def providers_for(device: Device) -> list[str]:
