@@ -1,6 +1,6 @@
 """Every setting of the service, read from the environment once and validated at start.
 
-One class, one README table (docs/api-reference.md, "Settings"). An explicit argument beats the
+One class, one README table (README.md, "Settings"). An explicit argument beats the
 environment (`Settings(model_path=...)` in tests); a bad value fails at start with a message that
 names the variable, never on the first request.
 
