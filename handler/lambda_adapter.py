@@ -46,34 +46,28 @@ def _flagged(handler: Any, scope: Scope) -> Scope:
     return scope
 
 
-class StrictALB(ALB):
+class _StrictBody:
+    """Mixed in before a Mangum adapter: same scope and body, but a bad base64 body is flagged."""
+
     @property
     def scope(self) -> Scope:
-        return _flagged(self, super().scope)
+        return _flagged(self, super().scope)  # type: ignore[misc]
 
     @property
     def body(self) -> bytes:
         return _decoded_body(self) or b""
 
 
-class StrictHTTPGateway(HTTPGateway):
-    @property
-    def scope(self) -> Scope:
-        return _flagged(self, super().scope)
-
-    @property
-    def body(self) -> bytes:
-        return _decoded_body(self) or b""
+class StrictALB(_StrictBody, ALB):
+    pass
 
 
-class StrictAPIGateway(APIGateway):
-    @property
-    def scope(self) -> Scope:
-        return _flagged(self, super().scope)
+class StrictHTTPGateway(_StrictBody, HTTPGateway):
+    pass
 
-    @property
-    def body(self) -> bytes:
-        return _decoded_body(self) or b""
+
+class StrictAPIGateway(_StrictBody, APIGateway):
+    pass
 
 
 # Same order as Mangum's own list (ALB, HTTP API, REST API); Lambda@Edge is not a supported source.
