@@ -98,6 +98,8 @@ ENV PORT=8080 \
 COPY --from=deps /deps/site/ /app/
 COPY --from=model /model/ /opt/model/
 COPY --from=code /code/ /app/
+# The one full check of every baked file against its manifest sha256 (the runtime checks sizes).
+RUN PYTHONDONTWRITEBYTECODE=1 python3 -m handler.engine.verify /opt/model --mode sha256
 USER 1000:1000
 EXPOSE 8080
 CMD ["python3", "-m", "handler.main"]

@@ -109,4 +109,6 @@ ENV MODEL_PATH=/opt/model \
 COPY --from=deps /deps/site/ /var/task/
 COPY --from=model /model/ /opt/model/
 COPY --from=code /code/ /var/task/
+# The one full check of every baked file against its manifest sha256 (the runtime checks sizes).
+RUN PYTHONDONTWRITEBYTECODE=1 python3 -m handler.engine.verify /opt/model --mode sha256
 CMD ["handler.lambda_function.handler"]

@@ -188,3 +188,12 @@ def test_runtime_imports_neither_torch_nor_transformers(tiny_fp32: Path) -> None
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_manifest_command_verifies_a_directory(tiny_fp32: Path, tmp_path: Path) -> None:
+    from handler.engine.verify import main
+
+    assert main([str(tiny_fp32)]) == 0
+    copy = shutil.copytree(tiny_fp32, tmp_path / "model")
+    (copy / "tokenizer.json").write_text("{}")
+    assert main([str(copy), "--mode", "sha256"]) == 1
