@@ -154,14 +154,11 @@ class Prep:
         art = self.source
         stamp = code_digest("model_build/fixture.py", "model_build/reference", extra=[self.size])
         self._source_stamp = stamp
-        if not self.rebuild and cached(art.path, stamp, "pytorch_model.bin"):
-            art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
-            say("prep", f"source ({self.size}): cached at {art.path}")
-        else:
-            say("prep", f"source ({self.size}): python -m model_build.fixture -> {art.path}")
-            shutil.rmtree(art.path, ignore_errors=True)
-            cmd = [sys.executable, "-m", "model_build.fixture", "--out", str(art.path)]
-            self._run(art, [*cmd, "--size", self.size], stamp, "pytorch_model.bin")
+        cmd = [sys.executable, "-m", "model_build.fixture", "--out", str(art.path)]
+        self._cached_or_run(
+            art, stamp, "pytorch_model.bin", f"source ({self.size})",
+            "python -m model_build.fixture", [*cmd, "--size", self.size],
+        )  # fmt: skip
         if art.ok:
             art.size_mib = dir_size_mib(art.path)
         return art
@@ -184,21 +181,19 @@ class Prep:
             "handler/engine/manifest.py",
             extra=[self._source_stamp, precision],
         )
-        if not self.rebuild and cached(art.path, stamp, "manifest.json"):
-            art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
-            say("prep", f"{art.name}: cached at {art.path}")
-        else:
-            say("prep", f"{art.name}: python -m model_build --precision {precision} -> {art.path}")
-            cmd = [
-                sys.executable, "-m", "model_build",
-                "--source", str(self.source.path),
-                "--recipe", "bge-m3",
-                "--precision", precision,
-                "--out", str(art.path),
-                "--force",
-                *self._gate_args(),
-            ]  # fmt: skip
-            self._run(art, cmd, stamp, "manifest.json")
+        cmd = [
+            sys.executable, "-m", "model_build",
+            "--source", str(self.source.path),
+            "--recipe", "bge-m3",
+            "--precision", precision,
+            "--out", str(art.path),
+            "--force",
+            *self._gate_args(),
+        ]  # fmt: skip
+        self._cached_or_run(
+            art, stamp, "manifest.json", art.name,
+            f"python -m model_build --precision {precision}", cmd, clear=False,
+        )  # fmt: skip
         self._describe(art)
         return art
 
@@ -220,14 +215,11 @@ class Prep:
             art.error = f"no source model ({self.source.error})"
             return art
         stamp = code_digest("bench/export.py", extra=[self._source_stamp])
-        if not self.rebuild and cached(art.path, stamp, "manifest.json"):
-            art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
-            say("prep", f"{art.name}: cached at {art.path}")
-        else:
-            say("prep", f"{art.name}: torch.onnx.export -> {art.path}")
-            shutil.rmtree(art.path, ignore_errors=True)
-            cmd = [sys.executable, "-m", "bench.export", "--source", str(self.source.path)]
-            self._run(art, [*cmd, "--out", str(art.path)], stamp, "manifest.json")
+        cmd = [sys.executable, "-m", "bench.export", "--source", str(self.source.path)]
+        self._cached_or_run(
+            art, stamp, "manifest.json", art.name, "torch.onnx.export",
+            [*cmd, "--out", str(art.path)],
+        )  # fmt: skip
         self._describe(art)
         return art
 
@@ -237,18 +229,37 @@ class Prep:
             art.error = f"no plain fp32 export ({fp32.error})"
             return art
         stamp = code_digest("bench/export.py", extra=[self._source_stamp, "quantize_dynamic"])
-        if not self.rebuild and cached(art.path, stamp, "manifest.json"):
-            art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
-            say("prep", f"{art.name}: cached at {art.path}")
-        else:
-            say("prep", f"{art.name}: quantize_dynamic (defaults) -> {art.path}")
-            shutil.rmtree(art.path, ignore_errors=True)
-            cmd = [sys.executable, "-m", "bench.export", "--quantize-from", str(fp32.path)]
-            self._run(art, [*cmd, "--out", str(art.path)], stamp, "manifest.json")
+        cmd = [sys.executable, "-m", "bench.export", "--quantize-from", str(fp32.path)]
+        self._cached_or_run(
+            art, stamp, "manifest.json", art.name, "quantize_dynamic (defaults)",
+            [*cmd, "--out", str(art.path)],
+        )  # fmt: skip
         self._describe(art)
         return art
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _cached_or_run(
+        self,
+        art: Artifact,
+        stamp: str,
+        needed: str,
+        label: str,
+        what: str,
+        cmd: list[str],
+        *,
+        clear: bool = True,
+    ) -> None:
+        """Reuse `art.path` when its stamp matches (and not --rebuild); else run `cmd` to make it,
+        from an emptied directory unless the command replaces it itself (`clear=False`)."""
+        if not self.rebuild and cached(art.path, stamp, needed):
+            art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
+            say("prep", f"{label}: cached at {art.path}")
+            return
+        say("prep", f"{label}: {what} -> {art.path}")
+        if clear:
+            shutil.rmtree(art.path, ignore_errors=True)
+        self._run(art, cmd, stamp, needed)
 
     def _run(self, art: Artifact, cmd: list[str], stamp: str, needed: str) -> None:
         start = time.monotonic()
