@@ -4,7 +4,8 @@ The line goes to stdout through its own logger (`bge_m3.request`, not propagated
 bare JSON: CloudWatch and Cloud Run both parse it as structured (`severity` and `message` are Cloud
 Run's field names). It carries the request id (Lambda's `aws_request_id` when Mangum passes the
 context, else a fresh uuid), the route, model, number of inputs, tokens, per-stage timings from the
-engine (`Encoded.timings_ms`) plus the total, and `cold_start`: whether this was the first request
+engine (`Encoded.timings_ms`) plus the total, `batched_with` (how many other requests shared its
+forward passes under micro-batching), and `cold_start`: whether this was the first request
 this process served. Never the request body, never headers, so never an API key.
 
 Headers: `x-request-id`, `x-total-time` and `x-<stage>-time` for each engine stage (milliseconds),
@@ -54,6 +55,7 @@ class RequestRecord:
     inputs: int | None = None
     tokens: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batched_with: int | None = None  # other requests that shared its forward passes
     status: int = 0
     error_code: str | None = None
     response_bytes: int | None = None
@@ -80,6 +82,7 @@ class RequestRecord:
                 **{k: round(v, 3) for k, v in self.timings_ms.items()},
                 "total": round(total_ms, 3),
             },
+            "batched_with": self.batched_with,
             "cold_start": self.cold_start,
             "error_code": self.error_code,
             "response_bytes": self.response_bytes,

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int | None = Field(default=None, ge=1)
     batch_token_budget: int = Field(default=16384, ge=64)
+    # Concurrent requests to one model share forward passes (handler/engine/microbatch.py).
+    micro_batch: bool = True
+    micro_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=50.0)
     model_verify: Literal["sha256", "size", "off"] = "sha256"
     warmup: bool = True
     allow_any_model: bool = False

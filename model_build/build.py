@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from handler.engine.manifest import write_manifest
-from model_build import artifact, precision, recipes, source, validate
+from model_build import artifact, attention, precision, recipes, source, validate
 from model_build.errors import BuildError, GateFailedError
 from model_build.progress import Progress
 from model_build.source import BGE_M3_REPO, Recipe
@@ -208,6 +208,14 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
             special_tokens=tok.special_tokens,
             progress=progress,
         )
+    with progress.stage("attention", "eager attention -> MultiHeadAttention"):
+        fused = work / "fused" / "model.onnx"
+        fused.parent.mkdir()
+        attention_report = attention.fuse_attention(
+            exported, fused, num_heads=model.num_heads, progress=progress
+        )
+        shutil.rmtree(exported.parent)
+        exported = fused
     final = staging / artifact.ONNX_FILE
     with progress.stage("quantize", f"precision {options.precision}"):
         if options.precision == "fp32":
@@ -236,7 +244,16 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
         (staging / artifact.TOKENIZER_FILE).write_text(tok.to_json(), encoding="utf-8")
         model_id = default_model_id(options)
         data = _manifest_data(
-            staging, options, src, model, tok, max_length, model_id, quant, validation
+            staging,
+            options,
+            src,
+            model,
+            tok,
+            max_length,
+            model_id,
+            quant,
+            validation,
+            attention_report,
         )
         artifact.make_world_readable(staging)
         write_manifest(staging, data)
@@ -356,6 +373,7 @@ def _manifest_data(
     model_id: str,
     quant: dict[str, Any],
     validation: dict[str, Any],
+    attention_report: dict[str, Any],
 ) -> dict[str, Any]:
     onnx_path = staging / artifact.ONNX_FILE
     return {
@@ -393,6 +411,7 @@ def _manifest_data(
             "opset": artifact.onnx_opset(onnx_path),
             "inputs": recipes.INPUT_SPECS,
             "outputs": recipes.output_specs(model),
+            "attention": attention_report,
         },
         "files": artifact.file_entries(staging),
         "quantization": quant,

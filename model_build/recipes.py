@@ -93,6 +93,7 @@ class LoadedModel:
     vocab_size: int
     model_type: str
     max_positions: int  # the longest input (specials included) the position table allows
+    num_heads: int  # attention heads, for the MultiHeadAttention rewrite
     default_max_length: int
     heads: dict[str, Any]
 
@@ -191,6 +192,7 @@ def load_model(source_dir: Path, recipe: Recipe, progress: Progress) -> LoadedMo
     vocab_size = int(config["vocab_size"])
     max_positions = _max_positions(config)
     model_type = str(config.get("model_type", "?"))
+    num_heads = int(config["num_attention_heads"])
     if recipe == "bge-m3":
         colbert = _load_linear(source_dir / "colbert_linear.pt")
         sparse = _load_linear(source_dir / "sparse_linear.pt")
@@ -216,6 +218,7 @@ def load_model(source_dir: Path, recipe: Recipe, progress: Progress) -> LoadedMo
             vocab_size=vocab_size,
             model_type=model_type,
             max_positions=max_positions,
+            num_heads=num_heads,
             default_max_length=min(8192, max_positions),
             heads={"colbert_linear": list(colbert.weight.shape), "sparse_linear": [1, hidden]},
         )
@@ -240,6 +243,7 @@ def load_model(source_dir: Path, recipe: Recipe, progress: Progress) -> LoadedMo
             vocab_size=vocab_size,
             model_type=model_type,
             max_positions=max_positions,
+            num_heads=num_heads,
             default_max_length=default_max,
             heads={"pooling_config": pooling_file},
         )

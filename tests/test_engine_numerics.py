@@ -61,6 +61,18 @@ def test_batches_respect_budget_cover_every_input_once_and_sort_by_length() -> N
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
 
 
+def test_square_budget_bounds_padded_attention_and_long_inputs_run_alone() -> None:
+    # 8192 + 8000 tokens fit 16384 padded tokens, but their 2 x 8192^2 scores would not.
+    lengths = [8000, 8192, 100, 90, 80]
+    batches = plan_batches(lengths, token_budget=16384, max_batch=64, square_budget=1 << 22)
+    assert batches[:2] == [[1], [0]]
+    assert batches[2:] == [[2, 3, 4]]
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) ** 2 * len(b) <= 1 << 22
+    with pytest.raises(ValueError):
+        plan_batches(lengths, token_budget=16384, max_batch=64, square_budget=0)
+
+
 def test_pad_right_pads_with_mask() -> None:
     ids, mask = pad([[0, 5, 2], [0, 2]], pad_id=1)
     assert ids.dtype == np.int64 and mask.dtype == np.int64

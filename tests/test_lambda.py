@@ -267,6 +267,45 @@ def test_entry_point_loads_the_model_once_across_invocations(
     assert len(loads) == 1
 
 
+def test_a_load_in_progress_is_joined_not_repeated(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """handler.main starts loading in a thread, then build_app() asks for the same models: the
+    second caller must wait for the first load, not start another."""
+    import threading
+
+    import handler.engine as engine_pkg
+    import handler.main as main
+    from handler.settings import Settings
+
+    started, release = threading.Event(), threading.Event()
+    loads: list[list[Path]] = []
+    served = bge_m3_like()
+
+    def slow_load_registry(paths: list[Path], config: Any) -> Any:
+        loads.append(list(paths))
+        started.set()
+        assert release.wait(60)
+        return registry(served)
+
+    monkeypatch.setattr(engine_pkg, "load_registry", slow_load_registry)
+    settings = Settings(model_path=str(tmp_path / "fresh-model"), model_verify="size")
+    loader = main.start_loading(settings)
+    assert started.wait(60)  # the loader thread is inside the load now
+    answers: list[Any] = []
+    second = threading.Thread(target=lambda: answers.append(main.load_models(settings)))
+    second.start()
+    # Give it the chance to reach the loader (it cannot finish before release: correct code
+    # blocks on the load in progress, broken code in a second slow load).
+    second.join(0.5)
+    assert second.is_alive()
+    release.set()
+    second.join(60)
+    loader.join(60)
+    assert len(loads) == 1
+    assert answers and answers[0][0] is not None and answers[0][1] is None
+
+
 def test_entry_point_starts_and_reports_when_loading_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

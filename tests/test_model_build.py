@@ -140,6 +140,38 @@ def test_tiny_fp32_outputs(tiny_fp32: Path) -> None:
     assert not out["colbert"][0, real:].any(), "padded ColBERT rows must be zero"
 
 
+def test_attention_runs_as_multihead_attention_with_an_unpadded_branch(tiny_fp32: Path) -> None:
+    """Every layer's eager attention became an If over two MultiHeadAttention nodes: without a
+    padding mask (onnxruntime's tiled kernel, which never holds S x S scores) when the batch has
+    no padding, with one otherwise. Both branches give the same numbers for the same text."""
+    import onnx
+
+    graph = onnx.load(str(tiny_fp32 / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Softmax" not in ops
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    assert len(ifs) == 2  # the fixture's two layers
+    for node in ifs:
+        branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        assert branches == {
+            "then_branch": ["MultiHeadAttention"],
+            "else_branch": ["MultiHeadAttention"],
+        }
+        mha = {a.name: a.g.node[0] for a in node.attribute}
+        then_mha, else_mha = mha["then_branch"], mha["else_branch"]
+        assert len([i for i in then_mha.input if i]) == 3  # q, k, v: no mask
+        assert else_mha.input[4]  # key_padding_mask
+    raw = json.loads((tiny_fp32 / "manifest.json").read_text())
+    assert raw["onnx"]["attention"]["layers"] == 2
+
+    text = "a text that runs once alone and once beside a longer one"
+    alone, _ = _run(tiny_fp32, [text])
+    padded, ids = _run(tiny_fp32, [text, text + " and then some more words to pad it"])
+    assert len(ids[1]) > len(ids[0])
+    np.testing.assert_allclose(alone["dense"][0], padded["dense"][0], atol=1e-6)
+    np.testing.assert_allclose(alone["sparse"][0], padded["sparse"][0, : len(ids[0])], atol=1e-6)
+
+
 def test_tiny_fp32_parity_with_flagembedding(tiny_fp32: Path, bge_m3_source: Path) -> None:
     """The graph reproduces FlagEmbedding's BGEM3FlagModel on the same weights (fp32, 1e-5)."""
     from FlagEmbedding import BGEM3FlagModel

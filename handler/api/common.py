@@ -273,6 +273,7 @@ def record_encoded(record: RequestRecord, info: ModelInfo, inputs: int, encoded:
     record.inputs = inputs
     record.tokens = encoded.total_tokens
     record.add_timings(encoded.timings_ms)
+    record.batched_with = encoded.batched_with
 
 
 def usage(tokens: int) -> dict[str, int]:

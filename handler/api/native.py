@@ -237,6 +237,7 @@ def score(
     record.inputs = len(first) + len(second)
     record.tokens = sum(scores.token_counts)
     record.add_timings(scores.timings_ms)
+    record.batched_with = scores.batched_with
 
     out: dict[str, Any] = {"model": info.id, "dense": [float(s) for s in scores.dense]}
     for key, values in (

@@ -1,6 +1,7 @@
 """The runtime engine (onnxruntime + tokenizers + numpy only; no torch, no web framework)."""
 
 from handler.engine.engine import Engine, EngineConfig, load_registry
+from handler.engine.microbatch import MicroBatcher, micro_batched
 from handler.engine.types import (
     Capabilities,
     EmbeddingEngine,
@@ -16,8 +17,10 @@ __all__ = [
     "Encoded",
     "Engine",
     "EngineConfig",
+    "MicroBatcher",
     "ModelInfo",
     "ModelRegistry",
     "Scores",
     "load_registry",
+    "micro_batched",
 ]

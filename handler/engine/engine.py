@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class EngineConfig:
     threads: int | None = None  # None: default_threads() (cores, or Lambda's vCPUs)
     # Padded tokens per forward pass (rows x longest row). Bounds activation memory.
     batch_token_budget: int = 16384
+    # Rows x longest^2 per padded forward pass: bounds the masked attention's scores
+    # (heads x this x 4 bytes: 256 MiB for BGE-M3's 16 heads). See batching.py.
+    attention_square_budget: int = 1 << 22
     max_batch_size: int = 64
     verify: VerifyMode = "sha256"
     device: Device = "cpu"
@@ -66,35 +70,32 @@ class Engine:
     session: Any  # onnxruntime.InferenceSession (untyped)
     config: EngineConfig
     threads: int
+    # Parts of the load (tokenizer and session overlap, so they add up to more than load_ms).
     load_timings_ms: dict[str, float] = field(default_factory=dict)
+    load_ms: float = 0.0  # the whole load, wall clock
 
     @classmethod
     def load(cls, model_dir: Path, config: EngineConfig | None = None) -> Engine:
         config = config or EngineConfig()
         model_dir = Path(model_dir)
         timings: dict[str, float] = {}
-        t = time.perf_counter()
+        start = t = time.perf_counter()
         manifest = load_manifest(model_dir)
         verify_files(model_dir, manifest, config.verify)
         timings["verify"] = _ms_since(t)
 
-        t = time.perf_counter()
-        tokenizer = TextTokenizer(
-            model_dir / manifest.tokenizer_file, vocab_size=manifest.vocab_size
-        )
-        timings["tokenizer"] = _ms_since(t)
-
-        t = time.perf_counter()
+        # The session is built in a second thread while this one loads the tokenizer: tokenizers
+        # holds the GIL for its whole load, onnxruntime releases it for most of its own, so the
+        # two overlap on a 2-vCPU function instead of adding up.
         threads = config.threads or default_threads()
-        try:
-            session = create_session(
-                model_dir / manifest.onnx_file, device=config.device, threads=threads
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="session") as pool:
+            pending = pool.submit(_timed_session, model_dir / manifest.onnx_file, config, threads)
+            t = time.perf_counter()
+            tokenizer = TextTokenizer(
+                model_dir / manifest.tokenizer_file, vocab_size=manifest.vocab_size
             )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelLoadError(
-                f"{model_dir / manifest.onnx_file}: cannot be loaded ({exc})"
-            ) from exc
-        timings["session"] = _ms_since(t)
+            timings["tokenizer"] = _ms_since(t)
+            session, timings["session"] = pending.result()
         missing = set(manifest.output_names) - {o.name for o in session.get_outputs()}
         if missing:
             raise ModelLoadError(
@@ -119,6 +120,7 @@ class Engine:
             t = time.perf_counter()
             engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
             timings["warmup"] = _ms_since(t)
+        engine.load_ms = _ms_since(start)
         log.info(
             "loaded %s (%s, %s) from %s on %s with %d threads in %.0f ms",
             manifest.model_id,
@@ -127,7 +129,7 @@ class Engine:
             model_dir,
             session_device(session),
             threads,
-            sum(timings.values()),
+            engine.load_ms,
         )
         return engine
 
@@ -180,7 +182,7 @@ class Engine:
         truncate: bool = True,
     ) -> Encoded:
         t = time.perf_counter()
-        ids = self.tokenizer.encode(texts, max_length=self._limit(max_length), truncate=truncate)
+        ids = self.tokenize(texts, max_length=max_length, truncate=truncate)
         return self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
 
     def encode_ids(
@@ -194,9 +196,40 @@ class Engine:
         truncate: bool = True,
     ) -> Encoded:
         t = time.perf_counter()
-        limit = self._limit(max_length)
-        checked = self.tokenizer.check_ids(ids, max_length=limit, truncate=truncate)
+        checked = self.check_ids(ids, max_length=max_length, truncate=truncate)
         return self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+
+    # The steps of encode() one by one, for a caller that runs them in different threads
+    # (handler/engine/microbatch.py: validate in the request's thread, run in a shared pass).
+
+    def tokenize(
+        self, texts: Sequence[str], *, max_length: int | None = None, truncate: bool = True
+    ) -> list[list[int]]:
+        """Token ids as encode() runs them; bad max_length and over-long inputs raise here."""
+        return self.tokenizer.encode(texts, max_length=self._limit(max_length), truncate=truncate)
+
+    def check_ids(
+        self, ids: Sequence[Sequence[int]], *, max_length: int | None = None, truncate: bool = True
+    ) -> list[list[int]]:
+        """Token-id input checked and cut as encode_ids() runs it."""
+        limit = self._limit(max_length)
+        return self.tokenizer.check_ids(ids, max_length=limit, truncate=truncate)
+
+    def check_heads(self, dense: bool, sparse: bool, colbert: bool) -> None:
+        """InputError / CapabilityError unless this model gives every head asked for."""
+        self._wanted(dense, sparse, colbert)
+
+    def run_ids(
+        self,
+        ids: list[list[int]],
+        dense: bool,
+        sparse: bool,
+        colbert: bool,
+        *,
+        tokenize_ms: float = 0.0,
+    ) -> Encoded:
+        """One length-sorted run over ids that tokenize() or check_ids() gave."""
+        return self._run(ids, dense, sparse, colbert, tokenize_ms=tokenize_ms)
 
     def _limit(self, max_length: int | None) -> int:
         if max_length is None:
@@ -232,8 +265,13 @@ class Engine:
         infer_ms = post_ms = 0.0
 
         lengths = [len(s) for s in ids]
-        budget, rows = self.config.batch_token_budget, self.config.max_batch_size
-        for batch in plan_batches(lengths, budget, rows):
+        config = self.config
+        for batch in plan_batches(
+            lengths,
+            config.batch_token_budget,
+            config.max_batch_size,
+            config.attention_square_budget,
+        ):
             input_ids, mask = pad([ids[i] for i in batch], pad_id)
             t = time.perf_counter()
             # Only the heads asked for are fetched; the rest of the graph is shared.
@@ -275,46 +313,18 @@ class Engine:
         weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
         max_length: int | None = None,
     ) -> Scores:
-        if len(sentences_1) != len(sentences_2):
-            raise InputError(
-                f"sentences_1 and sentences_2 must pair up ({len(sentences_1)} != "
-                f"{len(sentences_2)})",
-                param="sentences_2",
-            )
-        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise InputError(
-                "weights must be three non-negative numbers [dense, sparse, colbert] with a "
-                "positive sum",
-                param="weights",
-            )
-        heads_ = self.available_heads
-        both = self.encode(
-            [*sentences_1, *sentences_2],
-            dense=True,
-            sparse="sparse" in heads_,
-            colbert="colbert" in heads_,
-            max_length=max_length,
+        return scoring.score_pairs(
+            self, sentences_1, sentences_2, weights=weights, max_length=max_length
         )
-        n = len(sentences_1)
-        assert both.dense is not None
-        dense = [scoring.dense_score(both.dense[i], both.dense[n + i]) for i in range(n)]
-        if both.sparse is None or both.colbert is None:
-            return Scores(dense, None, None, None, None, both.token_counts, both.timings_ms)
-        sparse = [scoring.lexical_score(both.sparse[i], both.sparse[n + i]) for i in range(n)]
-        colbert = [scoring.colbert_score(both.colbert[i], both.colbert[n + i]) for i in range(n)]
-        hybrid = [
-            scoring.hybrid_scores(d, s, c, weights)
-            for d, s, c in zip(dense, sparse, colbert, strict=True)
-        ]
-        return Scores(
-            dense=dense,
-            sparse=sparse,
-            colbert=colbert,
-            sparse_dense=[h[0] for h in hybrid],
-            colbert_sparse_dense=[h[1] for h in hybrid],
-            token_counts=both.token_counts,
-            timings_ms=both.timings_ms,
-        )
+
+
+def _timed_session(model_file: Path, config: EngineConfig, threads: int) -> tuple[Any, float]:
+    t = time.perf_counter()
+    try:
+        session = create_session(model_file, device=config.device, threads=threads)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelLoadError(f"{model_file}: cannot be loaded ({exc})") from exc
+    return session, _ms_since(t)
 
 
 def load_registry(paths: Sequence[Path], config: EngineConfig | None = None) -> ModelRegistry:

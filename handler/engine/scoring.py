@@ -1,6 +1,8 @@
 """Similarity scores between BGE-M3 representations (FlagEmbedding's compute_score numerics).
 
 Weights are always ordered [dense, sparse, colbert]; the hybrid scores are weighted means.
+`score_pairs` is the score operation of any EmbeddingEngine, written once over its `encode` (so a
+wrapper such as the micro-batcher scores through its own encode).
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
+
+from handler.engine.errors import InputError
+from handler.engine.types import EmbeddingEngine, Scores
 
 FloatArray = NDArray[np.float32]
 
@@ -47,3 +52,55 @@ def hybrid_scores(
     sparse_dense = weighted_mean((sparse, dense), (w_sparse, w_dense))
     all_three = weighted_mean((dense, sparse, colbert), (w_dense, w_sparse, w_colbert))
     return sparse_dense, all_three
+
+
+def score_pairs(
+    engine: EmbeddingEngine,
+    sentences_1: Sequence[str],
+    sentences_2: Sequence[str],
+    *,
+    weights: Sequence[float],
+    max_length: int | None,
+) -> Scores:
+    """sentences_1[i] against sentences_2[i], all of them encoded in one call."""
+    if len(sentences_1) != len(sentences_2):
+        raise InputError(
+            f"sentences_1 and sentences_2 must pair up ({len(sentences_1)} != {len(sentences_2)})",
+            param="sentences_2",
+        )
+    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(
+            "weights must be three non-negative numbers [dense, sparse, colbert] with a "
+            "positive sum",
+            param="weights",
+        )
+    caps = engine.info.capabilities
+    both = engine.encode(
+        [*sentences_1, *sentences_2],
+        dense=True,
+        sparse=caps.sparse,
+        colbert=caps.colbert,
+        max_length=max_length,
+    )
+    n = len(sentences_1)
+    assert both.dense is not None
+    dense = [dense_score(both.dense[i], both.dense[n + i]) for i in range(n)]
+    if both.sparse is None or both.colbert is None:
+        return Scores(
+            dense, None, None, None, None, both.token_counts, both.timings_ms, both.batched_with
+        )
+    sparse = [lexical_score(both.sparse[i], both.sparse[n + i]) for i in range(n)]
+    colbert = [colbert_score(both.colbert[i], both.colbert[n + i]) for i in range(n)]
+    hybrid = [
+        hybrid_scores(d, s, c, weights) for d, s, c in zip(dense, sparse, colbert, strict=True)
+    ]
+    return Scores(
+        dense=dense,
+        sparse=sparse,
+        colbert=colbert,
+        sparse_dense=[h[0] for h in hybrid],
+        colbert_sparse_dense=[h[1] for h in hybrid],
+        token_counts=both.token_counts,
+        timings_ms=both.timings_ms,
+        batched_with=both.batched_with,
+    )

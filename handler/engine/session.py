@@ -73,12 +73,24 @@ def create_session(model_file: Path, *, device: Device, threads: int) -> ort.Inf
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    providers = providers_for(device)
+    on_cpu = providers[0] == "CPUExecutionProvider"
     session = ort.InferenceSession(
-        str(model_file), sess_options=options, providers=providers_for(device)
+        str(model_file),
+        sess_options=options,
+        providers=providers,
+        disabled_optimizers=cpu_disabled_optimizers() if on_cpu else [],
     )
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("the CUDA execution provider could not start; running on CPU")
     return session
+
+
+def cpu_disabled_optimizers() -> list[str]:
+    """onnxruntime fusions that make the CPU slower. Its CPU SkipLayerNormalization kernel took
+    10.6 ms on 32 x 128 x 1024 floats where Add + LayerNormalization take 2.1 ms (2 threads,
+    AVX-512); unfused, the full-size int8 model ran 32 x 128 tokens about 8% faster."""
+    return ["SkipLayerNormFusion"]
 
 
 def session_device(session: ort.InferenceSession) -> Device:

@@ -53,7 +53,10 @@ class Encoded:
     sparse: list[dict[int, float]] | None  # token id -> weight, specials and zeros dropped
     colbert: list[FloatArray] | None  # one (tokens - 1, dims) array per input, rows normalised
     token_counts: list[int]  # real tokens per input, special tokens included, after truncation
-    timings_ms: dict[str, float] = field(default_factory=dict)  # tokenize / infer / post
+    # tokenize / infer / post, and queue (waiting for a shared pass) behind the micro-batcher
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # Other requests whose inputs ran in the same forward passes (micro-batching; 0: alone).
+    batched_with: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -71,6 +74,7 @@ class Scores:
     colbert_sparse_dense: list[float] | None
     token_counts: list[int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batched_with: int = 0  # as in Encoded
 
 
 class EmbeddingEngine(Protocol):
