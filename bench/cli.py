@@ -5,8 +5,8 @@
 
 Full run (`make bench`): the full-size model (24 layers, hidden 1024, vocab 250,002), minutes and
 about 12 GB of disk in the work directory; results in bench/results/<date>-<cpu>.{json,md,png}
-and bench/results/latest.{md,png}. `--smoke` runs every stage on the tiny fixture (for CI: about
-two minutes with cached models on a busy 2-core machine), and by default writes under the work
+and bench/results/latest.{md,png}. `--smoke` runs every stage on the tiny fixture (for CI: about a
+minute on a quiet 2-core machine, engines three at a time), and by default writes under the work
 directory so that it never replaces the real results.
 """
 
@@ -131,7 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument(
-        "--smoke", action="store_true", help="every stage on the tiny fixture (CI; minutes at most)"
+        "--smoke", action="store_true", help="every stage on the tiny fixture (CI; about a minute)"
     )
     parser.add_argument(
         "--engines",
