@@ -54,15 +54,10 @@ def fuse_attention(src: Path, dst: Path, *, num_heads: int, progress: Progress) 
     """Rewrite the graph at `src` (external data beside it) and save it at `dst`."""
     import onnx
 
-    from model_build.recipes import save_with_external_data
+    from model_build.recipes import load_with_shapes, save_with_external_data
 
     # Shapes first: the rewrite types its outputs from the layers' inferred types (_retype).
-    # The path API works above 2 GB, where the in-memory one cannot serialise the model.
-    inferred = src.parent / "inferred.onnx"
-    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-    proto = onnx.load(str(inferred), load_external_data=False)
-    onnx.load_external_data_for_model(proto, str(src.parent))
-    inferred.unlink()
+    proto = load_with_shapes(src)
     count = rewrite(proto, num_heads=num_heads)
     progress.log("attention", f"{count} attention blocks -> MultiHeadAttention ({num_heads} heads)")
     save_with_external_data(proto, dst)

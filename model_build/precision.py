@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_build.errors import FAULTS, BuildError
 from model_build.progress import Progress
-from model_build.recipes import EXTERNAL_DATA, save_with_external_data
+from model_build.recipes import EXTERNAL_DATA, load_with_shapes, save_with_external_data
 
 if TYPE_CHECKING:
     import torch
@@ -28,16 +28,10 @@ def move_onnx(src: Path, dst: Path) -> None:
 
 
 def to_fp16(src: Path, dst: Path, progress: Progress) -> dict[str, Any]:
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    # Shape inference through the path API works above 2 GB, where the in-memory one cannot
-    # serialise the model; the converter then uses those shapes instead of inferring its own.
-    inferred = src.parent / "inferred.onnx"
-    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-    proto = onnx.load(str(inferred), load_external_data=False)
-    onnx.load_external_data_for_model(proto, str(src.parent))
-    inferred.unlink()
+    # The converter uses these shapes instead of inferring its own (which fails above 2 GB).
+    proto = load_with_shapes(src)
     progress.log("quantize", "converting weights and activations to float16 (inputs/outputs stay)")
     converted = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
     save_with_external_data(converted, dst)

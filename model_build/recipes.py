@@ -354,6 +354,20 @@ def _set_output_shapes(proto: Any, specs: list[dict[str, Any]]) -> None:
                 dim.dim_param = value
 
 
+def load_with_shapes(path: Path) -> Any:
+    """The graph at `path` with its external data and onnx's inferred shapes as value_info.
+    Shape inference goes through the path API, which works above 2 GB, where the in-memory one
+    cannot serialise the model."""
+    import onnx
+
+    inferred = path.parent / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+    proto = onnx.load(str(inferred), load_external_data=False)
+    onnx.load_external_data_for_model(proto, str(path.parent))
+    inferred.unlink()
+    return proto
+
+
 def save_with_external_data(proto: Any, path: Path) -> None:
     """One graph file and one `model.onnx_data` beside it (required above 2 GB; mmapped at run)."""
     import onnx
