@@ -1,6 +1,7 @@
 """The build pipeline behind `python -m model_build` (and its Python API):
 
-    fetch -> load -> reference -> [smoothquant] -> export -> quantize -> validate -> manifest
+    fetch -> load -> reference -> [smoothquant] -> export -> attention -> quantize -> validate
+        -> tokenizer -> manifest
 
 Everything is written to a staging directory beside --out (same filesystem) and renamed into place
 only after the fidelity gate passes; a failed or interrupted build leaves --out as it was.
@@ -19,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from handler.engine.manifest import write_manifest
-from model_build import artifact, attention, precision, recipes, source, validate
+from model_build import (
+    artifact,
+    attention,
+    precision,
+    recipes,
+    sentencepiece_export,
+    source,
+    validate,
+)
 from model_build.errors import BuildError, GateFailedError
 from model_build.progress import Progress
 from model_build.source import BGE_M3_REPO, Recipe
@@ -240,8 +249,21 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
     with progress.stage("validate", f"{options.precision} ONNX vs fp32 PyTorch reference"):
         validation = _validate(final, encoded, reference, model, tok, options, progress)
 
-    with progress.stage("manifest", "tokenizer.json, manifest.json, permissions"):
+    with progress.stage("tokenizer", "tokenizer.json, and sentencepiece if it gives the same ids"):
         (staging / artifact.TOKENIZER_FILE).write_text(tok.to_json(), encoding="utf-8")
+        probes = [item.text for item in val_items]
+        probes += [item.text for item in validate.load_text_set(validate.CALIBRATION_SET)]
+        spm_report = sentencepiece_export.export(tok, staging, probes)
+        if spm_report["used"]:
+            progress.log(
+                "tokenizer",
+                f"sentencepiece.model gives tokenizer.json's ids on all "
+                f"{spm_report['probe_texts']} probe texts; the runtime will use it",
+            )
+        else:
+            progress.log("tokenizer", f"tokenizer.json only: {spm_report['reason']}")
+
+    with progress.stage("manifest", "manifest.json, permissions"):
         model_id = default_model_id(options)
         data = _manifest_data(
             staging,
@@ -254,6 +276,7 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
             quant,
             validation,
             attention_report,
+            spm_report,
         )
         artifact.make_world_readable(staging)
         write_manifest(staging, data)
@@ -374,6 +397,7 @@ def _manifest_data(
     quant: dict[str, Any],
     validation: dict[str, Any],
     attention_report: dict[str, Any],
+    spm_report: dict[str, Any],
 ) -> dict[str, Any]:
     onnx_path = staging / artifact.ONNX_FILE
     return {
@@ -404,6 +428,7 @@ def _manifest_data(
             "source_pre_tokenizer": tok.original_pre_tokenizer,
             "truncation": None,
             "padding": None,
+            "sentencepiece": spm_report,
         },
         "onnx": {
             "file": artifact.ONNX_FILE,

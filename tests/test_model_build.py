@@ -69,7 +69,10 @@ def _check_artifact(model_dir: Path, *, recipe: str, precision: str) -> dict[str
     verify_files(model_dir, manifest, "sha256")
     raw = manifest.raw
     assert raw["recipe"] == recipe and raw["precision"] == precision
-    assert set(raw["files"]) == {"model.onnx", "model.onnx_data", "tokenizer.json"}
+    files = {"model.onnx", "model.onnx_data", "tokenizer.json"}
+    if recipe == "bge-m3":  # the XLM-R Unigram vocabulary also goes to sentencepiece
+        files |= {"sentencepiece.model", "tokenizer.frontend.json"}
+    assert set(raw["files"]) == files
     assert sorted(p.name for p in model_dir.iterdir()) == sorted([*raw["files"], "manifest.json"])
     for path in model_dir.iterdir():
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -1,7 +1,8 @@
 """The engine: tokenize -> length-sorted batches -> ONNX run -> heads -> input order.
 
-Uses only onnxruntime, tokenizers and numpy. One Engine serves one model directory made by
-`python -m model_build --out DIR`; it is built once per container and shared by every request.
+Uses only onnxruntime, tokenizers, sentencepiece (for Unigram vocabularies) and numpy. One Engine
+serves one model directory made by `python -m model_build --out DIR`; it is built once per
+container and shared by every request.
 """
 
 from __future__ import annotations
@@ -84,16 +85,14 @@ class Engine:
         verify_files(model_dir, manifest, config.verify)
         timings["verify"] = _ms_since(t)
 
-        # The session is built in a second thread while this one loads the tokenizer: tokenizers
-        # holds the GIL for its whole load, onnxruntime releases it for most of its own, so the
-        # two overlap on a 2-vCPU function instead of adding up.
+        # The session is built in a second thread while this one loads the tokenizer: the
+        # tokenizer libraries hold the GIL for their whole load, onnxruntime releases it for most
+        # of its own, so the two overlap on a 2-vCPU function instead of adding up.
         threads = config.threads or default_threads()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="session") as pool:
             pending = pool.submit(_timed_session, model_dir / manifest.onnx_file, config, threads)
             t = time.perf_counter()
-            tokenizer = TextTokenizer(
-                model_dir / manifest.tokenizer_file, vocab_size=manifest.vocab_size
-            )
+            tokenizer = TextTokenizer.load(model_dir, manifest)
             timings["tokenizer"] = _ms_since(t)
             session, timings["session"] = pending.result()
         missing = set(manifest.output_names) - {o.name for o in session.get_outputs()}

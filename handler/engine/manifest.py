@@ -42,6 +42,15 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class SentencePieceFiles:
+    """The tokenizer's Unigram vocabulary as a sentencepiece model, with the tokenizer.json parts
+    around it (normalizer, pre-tokenizer, special tokens, decoder). See engine/tokenizer.py."""
+
+    model_file: str
+    frontend_file: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The typed part of manifest.json. `raw` keeps the whole document (source, quantization,
     validation figures, tool versions) for /health, /models and humans."""
@@ -57,6 +66,8 @@ class Manifest:
     special_tokens: dict[str, int]
     onnx_file: str
     tokenizer_file: str
+    # Set when the build proved sentencepiece gives tokenizer.json's ids; else None.
+    sentencepiece: SentencePieceFiles | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     files: dict[str, FileEntry]
@@ -97,6 +108,14 @@ def _tensor_specs(items: Any, where: str) -> tuple[TensorSpec, ...]:
     )
 
 
+def _sentencepiece(section: Any) -> SentencePieceFiles | None:
+    if not isinstance(section, dict) or not section.get("used"):
+        return None
+    return SentencePieceFiles(
+        model_file=str(section["model"]), frontend_file=str(section["frontend"])
+    )
+
+
 def parse_manifest(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     """Validate a manifest document; every problem is a ModelLoadError that says what is wrong."""
     try:
@@ -128,6 +147,7 @@ def parse_manifest(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest
             special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
             onnx_file=str(data["onnx"]["file"]),
             tokenizer_file=str(data["tokenizer"]["file"]),
+            sentencepiece=_sentencepiece(data["tokenizer"].get("sentencepiece")),
             inputs=_tensor_specs(data["onnx"]["inputs"], "onnx.inputs"),
             outputs=_tensor_specs(data["onnx"]["outputs"], "onnx.outputs"),
             files=files,
@@ -137,7 +157,10 @@ def parse_manifest(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest
         raise ModelLoadError(f"{where}: missing key {exc.args[0]!r}") from exc
     except (TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"{where}: malformed ({exc})") from exc
-    for needed in (manifest.onnx_file, manifest.tokenizer_file):
+    needed_files = [manifest.onnx_file, manifest.tokenizer_file]
+    if manifest.sentencepiece is not None:
+        needed_files += [manifest.sentencepiece.model_file, manifest.sentencepiece.frontend_file]
+    for needed in needed_files:
         if needed not in files:
             raise ModelLoadError(f"{where}: '{needed}' is used but not listed under 'files'")
     return manifest
