@@ -56,7 +56,7 @@ from handler.logging import (
     take_cold_start,
     timing_headers,
 )
-from handler.settings import Settings, resolve_api_keys
+from handler.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,16 @@ def create_app(
     settings: Settings | None = None,
     engine: ModelRegistry | None = None,
     load_error: str | None = None,
+    key_checker: KeyChecker | None = None,
 ) -> FastAPI:
+    """`key_checker`: the API keys, already read (handler/main.py reads them while the models
+    load); by default they are read from `settings` here."""
     settings = settings or Settings()
     if engine is None and load_error is None:
         load_error = "no model registry was given to create_app"
     registry = engine if load_error is None else None
-
-    auth_error: str | None = None
-    try:
-        keys = resolve_api_keys(settings)
-    except Exception as exc:  # fail closed: protected routes answer 503, /health says why
-        keys = ()
-        auth_error = f"API key unavailable: {exc}"
-        log.error("%s", auth_error)
+    if key_checker is None:
+        key_checker = KeyChecker.from_settings(settings)
 
     prefix = settings.route_prefix
     app = FastAPI(
@@ -99,8 +96,8 @@ def create_app(
         redoc_url=None,
         openapi_url=f"{prefix}/openapi.json",
     )
-    app.state.service = ServiceState(settings, registry, load_error, auth_error)
-    app.state.key_checker = KeyChecker(keys, unavailable_reason=auth_error)
+    app.state.service = ServiceState(settings, registry, load_error, key_checker.unavailable_reason)
+    app.state.key_checker = key_checker
 
     protected = [Depends(require_api_key)]
     for router in (openai.router, v2.router, native.router):
@@ -130,7 +127,7 @@ def create_app(
     log.info(
         "app ready: models=%s auth=%s prefix=%r",
         [e.info.id for e in registry] if registry is not None else f"none ({load_error})",
-        "on" if keys else ("unavailable" if auth_error else "off"),
+        key_checker.state,
         prefix,
     )
     return app

@@ -9,11 +9,15 @@ the request log line has no headers, and error messages never echo what was sent
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Sequence
 
 from starlette.requests import Request
 
 from handler.errors import ApiError, ErrorKind
+from handler.settings import Settings, resolve_api_keys
+
+log = logging.getLogger(__name__)
 
 
 class KeyChecker:
@@ -21,9 +25,30 @@ class KeyChecker:
         self._keys = tuple(k.encode("utf-8") for k in keys)
         self._unavailable = unavailable_reason
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyChecker:
+        """The keys the settings name (API_KEY, or a secret read once from AWS). A configured
+        secret that cannot be read fails closed: protected routes answer 503, /health says why."""
+        try:
+            keys = resolve_api_keys(settings)
+        except Exception as exc:
+            reason = f"API key unavailable: {exc}"
+            log.error("%s", reason)
+            return cls((), unavailable_reason=reason)
+        return cls(keys)
+
     @property
     def enabled(self) -> bool:
         return bool(self._keys) or self._unavailable is not None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._unavailable
+
+    @property
+    def state(self) -> str:
+        """For the start-up log: on, off, or unavailable (configured but unreadable)."""
+        return "unavailable" if self._unavailable else ("on" if self._keys else "off")
 
     def allows(self, presented: str) -> bool:
         given = presented.encode("utf-8")

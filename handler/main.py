@@ -106,10 +106,14 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     """An app for these settings (default: the environment), sharing the cached registry;
     `uvicorn --factory handler.main:build_app` works too."""
     from handler.app import create_app
+    from handler.auth import KeyChecker
 
     settings = settings or Settings()
+    # Read the API keys before waiting for the models: with a secret configured that is boto3's
+    # import and a network call (0.3-0.6 s measured here), which then overlap the model load.
+    key_checker = KeyChecker.from_settings(settings)
     registry, error = load_models(settings)
-    return create_app(settings, registry, error)
+    return create_app(settings, registry, error, key_checker)
 
 
 def _configure_logging(settings: Settings) -> None:

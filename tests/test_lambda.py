@@ -306,6 +306,51 @@ def test_a_load_in_progress_is_joined_not_repeated(
     assert answers and answers[0][0] is not None and answers[0][1] is None
 
 
+def test_api_keys_are_read_while_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With a secret configured, reading the keys (boto3's import and a network call) overlaps the
+    model load instead of following it: the load here only finishes once the keys were read."""
+    import threading
+
+    import handler.auth as auth
+    import handler.engine as engine_pkg
+    import handler.main as main
+    from handler.settings import Settings
+
+    keys_read = threading.Event()
+    order: list[str] = []
+
+    def load_registry_waiting_for_keys(paths: list[Path], config: Any) -> Any:
+        order.append("load started")
+        # Correct code reads the keys meanwhile; broken code would wait here for nothing.
+        order.append("load saw the keys" if keys_read.wait(30) else "load timed out")
+        return registry(bge_m3_like())
+
+    def resolve_api_keys(settings: Settings) -> tuple[str, ...]:
+        order.append("keys read")
+        keys_read.set()
+        return ("secret-key",)
+
+    monkeypatch.setattr(engine_pkg, "load_registry", load_registry_waiting_for_keys)
+    monkeypatch.setattr(auth, "resolve_api_keys", resolve_api_keys)
+    settings = Settings(model_path=str(tmp_path / "keyed-model"), model_verify="size")
+    main.start_loading(settings)
+    app = main.build_app(settings)
+
+    assert "load saw the keys" in order and "load timed out" not in order
+    handler = Mangum(app, lifespan="off", custom_handlers=STRICT_HANDLERS)
+    event = load_event("function_url_get_powertools.json")
+    body = {"model": "bge-m3", "input": "x"}
+    status, _, _ = invoke(handler, with_request(event, "POST", "/v1/embeddings", body), Context())
+    assert status == 401
+    authorized = with_request(
+        event, "POST", "/v1/embeddings", body, {"authorization": "Bearer secret-key"}
+    )
+    status, payload, _ = invoke(handler, authorized, Context())
+    assert status == 200, payload
+
+
 def test_entry_point_starts_and_reports_when_loading_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
