@@ -3,7 +3,7 @@
 Jobs:
 - `main`: cold start (new process -> first embedding; for our builds the first 200 response of
   the Lambda handler, invoked in-process the way Lambda's runtime does), then warm latency and
-  batch throughput in the same, now warm, process;
+  batch throughput in the same, now warm, process (smoke runs: then the long text too);
 - `long`: start the same way, then one long text (8192 tokens in the full run): its time and the
   process's peak RSS.
 
@@ -390,6 +390,9 @@ def run(spec: Json, t0: float) -> Json:
         result["throughput"] = throughput(
             runner, texts["throughput"], int(spec["throughput_reps"]), engine
         )
+        if spec.get("long_in_main_process"):
+            result["long_text"] = long_text(runner, texts["long"], engine)
+            result["long_text"]["process"] = "the main job's (smoke: its peak includes the rest)"
     elif job == "long":
         result["start"] = cold
         result["long_text"] = long_text(runner, texts["long"], engine)
