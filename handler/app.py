@@ -96,7 +96,7 @@ def create_app(
         redoc_url=None,
         openapi_url=f"{prefix}/openapi.json",
     )
-    app.state.service = ServiceState(settings, registry, load_error, key_checker.unavailable_reason)
+    app.state.service = ServiceState(settings, registry, load_error)
     app.state.key_checker = key_checker
 
     protected = [Depends(require_api_key)]

@@ -32,7 +32,6 @@ class ServiceState:
     settings: Settings
     registry: ModelRegistry | None
     load_error: str | None
-    auth_error: str | None = None
 
 
 def state_of(request: Request) -> ServiceState:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from handler.api.common import state_of
+from handler.auth import KeyChecker
 
 router = APIRouter(tags=["health"])
 
@@ -43,12 +44,13 @@ class Health(BaseModel):
 )
 def health(request: Request) -> JSONResponse:
     state = state_of(request)
+    key_checker: KeyChecker = request.app.state.key_checker
     registry = state.registry
     problems: list[str] = []
     if registry is None:
         problems.append(f"model not loaded: {state.load_error or 'unknown reason'}")
-    if state.auth_error is not None:
-        problems.append(state.auth_error)
+    if key_checker.unavailable_reason is not None:
+        problems.append(key_checker.unavailable_reason)
     models: list[dict[str, Any]] = []
     for engine in registry or ():
         info = engine.info
@@ -67,7 +69,7 @@ def health(request: Request) -> JSONResponse:
         "model_loaded": registry is not None,
         "device": models[0]["device"] if models else state.settings.device,
         "models": models,
-        "auth": request.app.state.key_checker.enabled,
+        "auth": key_checker.enabled,
     }
     if problems:
         body["error"] = "; ".join(problems)
