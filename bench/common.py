@@ -126,7 +126,16 @@ def ms_since(start: float) -> float:
 # ---- machine ------------------------------------------------------------------------------------
 
 INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "fma")
-VERSIONED = ("onnxruntime", "onnx", "numpy", "tokenizers", "torch", "transformers", "FlagEmbedding")
+VERSIONED = (
+    "onnxruntime",
+    "onnx",
+    "numpy",
+    "tokenizers",
+    "torch",
+    "transformers",
+    "FlagEmbedding",
+    "bge-m3-lite",
+)
 
 
 def cpu_model() -> str:

@@ -34,17 +34,29 @@ OUTPUTS = ("dense", "sparse", "colbert")
 SPECIAL_TOKENS = {"cls": 0, "pad": 1, "sep": 2, "unk": 3}
 
 
-def export_plain(source: Path, out: Path) -> None:
-    import onnx
+def load_backbone(source: Path, attn_implementation: str | None = None) -> Any:
+    """The source's XLM-R backbone with its weights (no pooler), in eval mode. The attention is
+    transformers' default unless `attn_implementation` says otherwise."""
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     config_dict = json.loads((source / "config.json").read_text())
     config = XLMRobertaConfig(**{k: v for k, v in config_dict.items() if not k.startswith("_")})
-    backbone = XLMRobertaModel(config, add_pooling_layer=False)  # eval(): through M3 below
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    backbone = XLMRobertaModel(config, add_pooling_layer=False)
     state = torch.load(source / "pytorch_model.bin", map_location="cpu", weights_only=True)
     missing, _unexpected = backbone.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith("pooler.")]:
         raise SystemExit(f"{source}: weights missing from pytorch_model.bin: {missing[:5]}")
+    backbone.eval()  # type: ignore[no-untyped-call]
+    return backbone
+
+
+def export_plain(source: Path, out: Path) -> None:
+    import onnx
+
+    config_dict = json.loads((source / "config.json").read_text())
+    backbone = load_backbone(source)
     hidden = int(config_dict["hidden_size"])
     colbert = torch.nn.Linear(hidden, hidden)
     colbert.load_state_dict(torch.load(source / "colbert_linear.pt", weights_only=True))
@@ -78,7 +90,7 @@ def export_plain(source: Path, out: Path) -> None:
                 "colbert": {0: "batch", 1: "sequence_minus_1"},
             },
         )
-    del model, backbone, state
+    del model, backbone
     # One graph file plus one weights file, like our artifacts (the exporter scatters tensors
     # of a >2 GB model over many files).
     graph = onnx.load(str(staging / "model.onnx"), load_external_data=True)

@@ -2,7 +2,8 @@
 
 - the source: `python -m model_build.fixture --size full|tiny` (random weights, BGE-M3's layout);
 - ours: `python -m model_build --recipe bge-m3 --precision P` on it, the command users run;
-- plain onnxruntime: `python -m bench.export` (a straight export, and quantize_dynamic on it).
+- plain onnxruntime: `python -m bench.export` (a straight export, and quantize_dynamic on it);
+- bge-m3-lite: `python -m bench.lite` (its own fuse and int8 quantize; full size only).
 
 Each result directory has a stamp file beside it (`<dir>.stamp.json`) with a digest of everything
 that decides its content (the build code, the source's stamp, the precision); a directory whose
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO_ROOT, Json, run_start_env, say
+from bench.common import REPO_ROOT, Json, package_version, run_start_env, say
 
 BUILD_EXIT_MEANING = {
     1: "the fidelity gate refused the model",
@@ -237,6 +238,35 @@ class Prep:
         self._describe(art)
         return art
 
+    # -- bge-m3-lite -------------------------------------------------------------------------------
+
+    def build_lite(self) -> Artifact:
+        from bench.lite import MODEL_FILE, VERSION
+
+        art = Artifact("lite-int8", self.work_dir / f"{self.size}-lite-int8")
+        if not self.source.ok:
+            art.error = f"no source model ({self.source.error})"
+            return art
+        if self.size != "full":
+            art.error = "bge-m3-lite runs only BGE-M3's full shape (hidden size 1024, 16 heads)"
+            return art
+        installed = package_version("bge-m3-lite")
+        if installed != VERSION:
+            art.error = (
+                f"bge-m3-lite {VERSION} is needed (installed: {installed}); "
+                "pip install -r requirements-dev.txt"
+            )
+            say("prep", f"{art.name}: skipped: {art.error}")
+            return art
+        stamp = code_digest("bench/lite.py", "bench/export.py", extra=[self._source_stamp, VERSION])
+        cmd = [sys.executable, "-m", "bench.lite", "--source", str(self.source.path)]
+        self._cached_or_run(
+            art, stamp, MODEL_FILE, art.name, f"bge-m3-lite {VERSION} fuse + quantize",
+            [*cmd, "--out", str(art.path)],
+        )  # fmt: skip
+        self._describe(art)
+        return art
+
     # -- helpers ----------------------------------------------------------------------------------
 
     def _cached_or_run(
@@ -272,7 +302,11 @@ class Prep:
             write_stamp(art.path, stamp, art.build_s)
             say("prep", f"{art.name}: built in {art.build_s:.1f}s")
             return
-        meaning = BUILD_EXIT_MEANING.get(code, "failed") if code > 0 else "killed (time limit)"
+        meaning = (
+            BUILD_EXIT_MEANING.get(code, "failed")
+            if code > 0
+            else f"killed by signal {-code} (the time limit, or out of memory)"
+        )
         last = tail.strip().splitlines()[-1] if tail.strip() else ""
         art.error = f"`{' '.join(cmd[1:4])} ...` exited {code}: {meaning}; last line: {last}"
         say("prep", f"{art.name}: FAILED: {art.error}")

@@ -103,6 +103,8 @@ def test_ratios_targets_machine_and_files(smoke: tuple[dict[str, Any], Path]) ->
         assert set(doc["ratios"][ours]) == {"ort-fp32", "ort-int8", "flagembedding"}
         assert all(v is not None for v in doc["ratios"][ours]["ort-int8"].values())
     assert "RSS after load" in {t["target"] for t in doc["targets"]}
+    assert "bge-m3-lite int8" in doc["skipped_engines"]  # full size only, with the reason
+    assert "lite-int8" not in doc["engines"]
     machine = doc["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["versions"]["onnxruntime"]
     stem = next(out.glob("*-smoke.json")).stem
