@@ -52,9 +52,25 @@ def load_backbone(source: Path, attn_implementation: str | None = None) -> Any:
     return backbone
 
 
-def export_plain(source: Path, out: Path) -> None:
+def save_in_one_data_file(staging: Path, out: Path) -> None:
+    """staging/model.onnx, as the exporter wrote it, into out/model.onnx plus one weights file
+    (the exporter scatters the tensors of a >2 GB model over many files); staging is removed."""
     import onnx
 
+    graph = onnx.load(str(staging / "model.onnx"), load_external_data=True)
+    onnx.save_model(
+        graph,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    del graph
+    shutil.rmtree(staging)
+
+
+def export_plain(source: Path, out: Path) -> None:
     config_dict = json.loads((source / "config.json").read_text())
     backbone = load_backbone(source)
     hidden = int(config_dict["hidden_size"])
@@ -91,19 +107,7 @@ def export_plain(source: Path, out: Path) -> None:
             },
         )
     del model, backbone
-    # One graph file plus one weights file, like our artifacts (the exporter scatters tensors
-    # of a >2 GB model over many files).
-    graph = onnx.load(str(staging / "model.onnx"), load_external_data=True)
-    onnx.save_model(
-        graph,
-        str(out / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
-    del graph
-    shutil.rmtree(staging)
+    save_in_one_data_file(staging, out)
     _check(out, ids.numpy(), mask.numpy(), expected)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
     _write_manifest(out, config_dict, "fp32", "plain torch.onnx.export (TorchScript), opset 17")

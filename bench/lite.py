@@ -16,7 +16,7 @@ files, and it re-checks the pinned sha256 digests of the last three on every loa
    them to `bge_m3_lite.hub` in place of the real files' digests (`accept_files`), offline.
 
 Full size only: bge-m3-lite hard-codes hidden size 1024 and 16 heads. The quantize step holds
-about 19 GiB while it calibrates. Run in its own process (torch is imported here):
+about 19 GiB while it calibrates, so the export (torch) runs in a child process of its own:
 
     python -m bench.lite --source FIXTURE_DIR --out DIR
 """
@@ -68,9 +68,12 @@ def sentencepiece_model(tokenizer_json: Json) -> bytes:
 
     proto = pb.ModelProto()
     piece_type = pb.ModelProto.SentencePiece
-    for piece, kind in (("<unk>", piece_type.UNKNOWN), ("<s>", piece_type.CONTROL)):
+    for piece, kind in (
+        ("<unk>", piece_type.UNKNOWN),
+        ("<s>", piece_type.CONTROL),
+        ("</s>", piece_type.CONTROL),
+    ):
         proto.pieces.add(piece=piece, score=0.0, type=kind)
-    proto.pieces.add(piece="</s>", score=0.0, type=piece_type.CONTROL)
     for piece, score in vocab[4:-1]:
         proto.pieces.add(piece=piece, score=score, type=piece_type.NORMAL)
     trainer = proto.trainer_spec
@@ -127,10 +130,9 @@ def accept_files(hub: Any, accepted: Json) -> None:
 
 def export_backbone(source: Path, out: Path) -> None:
     """The source's backbone as the Hub's onnx/model.onnx: token_embeddings, eager attention."""
-    import onnx
     import torch
 
-    from bench.export import load_backbone
+    from bench.export import load_backbone, save_in_one_data_file
 
     backbone = load_backbone(source, attn_implementation="eager")
 
@@ -160,16 +162,7 @@ def export_backbone(source: Path, out: Path) -> None:
                 for name in ("input_ids", "attention_mask", "token_embeddings")
             },
         )
-    graph = onnx.load(str(staging / "model.onnx"), load_external_data=True)
-    onnx.save_model(
-        graph,
-        str(out / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx_data",
-        size_threshold=1024,
-    )
-    shutil.rmtree(staging)
+    save_in_one_data_file(staging, out)  # model.onnx + model.onnx_data, as fuse expects
 
 
 def build(source: Path, out: Path) -> None:
