@@ -8,7 +8,8 @@ about 13 GB of disk in the work directory (bge-m3-lite's build holds about 19 Gi
 it calibrates); results in bench/results/<date>-<cpu>.{json,md,png} and
 bench/results/latest.{md,png}. `--smoke` runs every stage on the tiny fixture (for CI: about a
 minute on a quiet 2-core machine, engines three at a time), and by default writes under the work
-directory so that it never replaces the real results.
+directory so that it never replaces the real results. Ctrl-C or SIGTERM stops every worker and
+writes nothing (exit 130), so an interrupted run never replaces the last complete one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from pathlib import Path
 from bench import concurrency, report
 from bench.common import (
     REPO_ROOT,
+    STOP,
     Json,
     load_average,
     machine_info,
@@ -296,12 +299,16 @@ def run_engine(
         for stage in STAGES[1:]:
             res[stage] = {"error": reason}
         return res
+    if STOP.is_set():
+        return res
     say("engine", f"{engine}: cold start, warm latency and throughput (one new process)")
     main = worker(engine, "main", art, source, texts_file, mode, rss_cap(args))
     res["threads"] = main.get("threads")
     for stage in ("cold_start", "warm_latency", "throughput"):
         res[stage] = main.get(stage) or {"error": main.get("error", "no result")}
     res["main_job"] = {k: main.get(k) for k in ("wall_s", "parent_sampled_peak_rss_mib", "error")}
+    if STOP.is_set():
+        return res
     if mode.long_in_main_process:
         long = main
     else:
@@ -309,6 +316,8 @@ def run_engine(
         long = worker(engine, "long", art, source, texts_file, mode, rss_cap(args))
     res["long_text"] = long.get("long_text") or {"error": long.get("error", "no result")}
     res["long_text"]["parent_sampled_peak_rss_mib"] = long.get("parent_sampled_peak_rss_mib")
+    if STOP.is_set():
+        return res
     if engine.startswith("ours-"):
         say("engine", f"{engine}: concurrency against uvicorn on 127.0.0.1")
         res["concurrency"] = concurrency.measure(
@@ -351,8 +360,23 @@ def write_outputs(doc: Json, out: Path) -> list[Path]:
     return written
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM set STOP: workers and builds are stopped (bench.common.run_child,
+    bench.prep), no new one starts, and main writes nothing."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if not STOP.is_set():
+            name = signal.Signals(signum).name
+            say("stop", f"{name}: stopping the workers; no results will be written")
+        STOP.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_signals()
     mode = SMOKE if args.smoke else FULL
     start = time.monotonic()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         doc["engines"] = {engine: runs[engine].result() for engine in args.engines}
 
+    if STOP.is_set():
+        say("stop", f"interrupted: nothing written to {args.out}")
+        return 130
     doc["load_average"]["after"] = load_average()
     doc["ratios"] = report.ratios(doc) if doc["engines"] else {}
     doc["targets"] = report.targets(doc) if doc["engines"] else []

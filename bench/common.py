@@ -35,6 +35,11 @@ _SAY_LOCK = threading.Lock()
 
 Json = dict[str, Any]
 
+# Set by the parent's SIGINT/SIGTERM handler (bench.cli): children are stopped, no new one starts,
+# and no result file is written, so an interrupted run never replaces the last complete one.
+STOP = threading.Event()
+INTERRUPTED = "interrupted (SIGINT/SIGTERM to the benchmark)"
+
 
 def say(stage: str, message: str) -> None:
     """One progress line on stderr: `[bench   12.3s] stage: message` (one write, so lines from
@@ -250,9 +255,12 @@ def run_child(
     cwd: Path = REPO_ROOT,
 ) -> ChildOutcome:
     """Run a worker with stderr passed through live, its stdout collected, its RSS sampled every
-    0.1 s; killed when it runs past `timeout_s` or its RSS passes `rss_cap_mib` (so that a plain
-    export's 8192-token attention cannot take the shared machine down)."""
+    0.1 s; killed when it runs past `timeout_s`, its RSS passes `rss_cap_mib` (so that a plain
+    export's 8192-token attention cannot take the shared machine down) or the run is stopped."""
     start = time.monotonic()
+    if STOP.is_set():
+        return ChildOutcome(returncode=None, result=None, wall_s=0.0, peak_rss_mib=0.0,
+                            killed=INTERRUPTED)  # fmt: skip
     proc = subprocess.Popen(
         list(cmd),
         cwd=cwd,
@@ -272,7 +280,9 @@ def run_child(
         while proc.poll() is None:
             peak = max(peak, rss_mib(proc.pid))
             elapsed = time.monotonic() - start
-            if elapsed > timeout_s:
+            if STOP.is_set():
+                killed = INTERRUPTED
+            elif elapsed > timeout_s:
                 killed = f"killed after {timeout_s:.0f} s (time limit)"
             elif peak > rss_cap_mib:
                 killed = f"killed at {peak / 1024:.2f} GiB RSS (cap {rss_cap_mib / 1024:.2f} GiB)"

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    INTERRUPTED,
     REPO_ROOT,
+    STOP,
     Json,
     ms_since,
     peak_rss_mib,
@@ -64,6 +66,8 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> 
     while time.monotonic() - start < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} before it was healthy")
+        if STOP.is_set():
+            raise RuntimeError(INTERRUPTED)
         try:
             conn = http.client.HTTPConnection(HOST, port, timeout=5)
             status, _ = _request(conn, "GET", "/health", None)
@@ -161,6 +165,8 @@ def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) 
             if warm["ok"] != 1:
                 raise RuntimeError(f"the first request failed: {warm['statuses']}")
             for clients in plan.levels:
+                if STOP.is_set():
+                    raise RuntimeError(INTERRUPTED)
                 total = max(plan.min_requests, clients * plan.requests_per_client)
                 level = run_level(port, clients, total, text, plan)
                 result["levels"][str(clients)] = level

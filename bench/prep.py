@@ -26,7 +26,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO_ROOT, Json, package_version, run_start_env, say
+from bench.common import (
+    INTERRUPTED,
+    REPO_ROOT,
+    STOP,
+    Json,
+    package_version,
+    run_start_env,
+    say,
+)
 
 BUILD_EXIT_MEANING = {
     1: "the fidelity gate refused the model",
@@ -123,8 +131,8 @@ def run_logged(cmd: Sequence[str], *, label: str, timeout_s: float) -> tuple[int
         stdin=subprocess.DEVNULL,
         text=True,
     )
-    timer = threading.Timer(timeout_s, proc.kill)
-    timer.start()
+    watchdog = threading.Thread(target=_kill_when_due, args=(proc, timeout_s), daemon=True)
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -133,11 +141,20 @@ def run_logged(cmd: Sequence[str], *, label: str, timeout_s: float) -> tuple[int
             sys.stderr.flush()
         code = proc.wait()
     finally:
-        timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return code, "\n".join(tail)
+
+
+def _kill_when_due(proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """Kill a build step at its time limit, or as soon as the run is stopped."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if STOP.is_set() or time.monotonic() > deadline:
+            proc.kill()
+            return
+        time.sleep(0.2)
 
 
 class Prep:
@@ -282,6 +299,9 @@ class Prep:
     ) -> None:
         """Reuse `art.path` when its stamp matches (and not --rebuild); else run `cmd` to make it,
         from an emptied directory unless the command replaces it itself (`clear=False`)."""
+        if STOP.is_set():
+            art.error = INTERRUPTED
+            return
         if not self.rebuild and cached(art.path, stamp, needed):
             art.ok, art.cached, art.build_s = True, True, recorded_build_s(art.path)
             say("prep", f"{label}: cached at {art.path}")

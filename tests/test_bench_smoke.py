@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,16 @@ COLD_SPLIT = (
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    work = tmp_path_factory.mktemp("bench-work")
+def smoke_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke run's work directory: its tiny models stay cached there for later runs."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+@pytest.fixture(scope="module")
+def smoke(
+    smoke_work: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path]:
+    work = smoke_work
     out = tmp_path_factory.mktemp("bench-out")
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--work-dir", str(work), "--out", str(out)],
@@ -115,3 +124,50 @@ def test_ratios_targets_machine_and_files(smoke: tuple[dict[str, Any], Path]) ->
     table = (out / "latest.md").read_text()
     assert "| ours int8 " in table.replace("**", "") and "FlagEmbedding" in table
     assert "latest.png" in table
+
+
+def _workers_under(work: Path) -> list[str]:
+    """Command lines of live benchmark workers whose spec points into `work`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if "bench.worker" in args and str(work) in " ".join(args):
+            found.append(" ".join(args)[:200])
+    return found
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_stops_its_worker_and_keeps_the_last_results(
+    smoke: tuple[dict[str, Any], Path], smoke_work: Path, tmp_path: Path
+) -> None:
+    # GIVEN the results of an earlier complete run, and a new run over the cached tiny models
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "latest.json").write_text('{"earlier": "complete run"}\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--smoke", "--engines", "ours-int8",
+         "--work-dir", str(smoke_work), "--out", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # WHEN it is stopped while its worker measures
+        seen.append(line)
+        if "cold: ours-int8: first response" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    log = "".join(seen) + rest
+    # THEN it exits 130, says so, stops its worker and leaves the earlier results as they were
+    assert proc.returncode == 130, log[-4000:]
+    assert "SIGTERM: stopping the workers; no results will be written" in log
+    assert sorted(p.name for p in out.iterdir()) == ["latest.json"]
+    assert json.loads((out / "latest.json").read_text()) == {"earlier": "complete run"}
+    assert _workers_under(smoke_work) == []
