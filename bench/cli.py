@@ -37,6 +37,7 @@ from bench.common import (
     load_average,
     machine_info,
     mem_available_mib,
+    read_through,
     run_child,
     run_start_env,
     say,
@@ -301,6 +302,7 @@ def run_engine(
         return res
     if STOP.is_set():
         return res
+    res["page_cache_mib"] = round(read_through(art.path), 1)
     say("engine", f"{engine}: cold start, warm latency and throughput (one new process)")
     main = worker(engine, "main", art, source, texts_file, mode, rss_cap(args))
     res["threads"] = main.get("threads")

@@ -295,7 +295,9 @@ def markdown(doc: Json, plot_name: str | None) -> str:
         "`total` is spawn to the response. Our worker runs with MODEL_VERIFY=size, as the "
         "Lambda image sets it. Ours loads in parallel: the tokenizer beside the session, and the "
         "whole load beside the app's imports, so `load (wall)` is less than its parts and "
-        "`imports` is only the import time the load did not hide.",
+        "`imports` is only the import time the load did not hide. Every engine starts with its "
+        "model files in the page cache (the parent reads them once first), as on a warm host: "
+        "a start that reads them from disk measures the disk.",
         "",
     ]
     if handler_rows:
