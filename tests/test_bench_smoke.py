@@ -74,7 +74,9 @@ def test_stage_contents(smoke: tuple[dict[str, Any], Path]) -> None:
     doc, _ = smoke
     cfg = doc["config"]
     for name, res in doc["engines"].items():
-        # GIVEN the cold start of a new process: every part of the split is reported
+        # GIVEN the cold start of a new process, its model files read into the page cache first:
+        # every part of the split is reported
+        assert res["page_cache_mib"] > 0, name
         cold = res["cold_start"]
         assert all(key in cold for key in COLD_SPLIT), (name, sorted(cold))
         if name.startswith("ours-"):
