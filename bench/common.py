@@ -31,7 +31,8 @@ MIB = 1024 * 1024
 # Seconds in progress lines count from the start of the whole run: workers get the parent's
 # start time in BENCH_RUN_T0, so their lines read on the same clock.
 _RUN_T0 = float(os.environ.get("BENCH_RUN_T0") or time.time())
-_SAY_LOCK = threading.Lock()
+# Reentrant: the stop handler (bench.cli) may say a line while the main thread is inside say().
+_SAY_LOCK = threading.RLock()
 
 Json = dict[str, Any]
 
