@@ -36,8 +36,9 @@ _SAY_LOCK = threading.RLock()
 
 Json = dict[str, Any]
 
-# Set by the parent's SIGINT/SIGTERM handler (bench.cli): children are stopped, no new one starts,
-# and no result file is written, so an interrupted run never replaces the last complete one.
+# Set by the parent's SIGINT/SIGTERM handler (bench.cli): running children are stopped (run_child,
+# bench.prep), the callers start no new one (bench.cli.run_engine, Prep._cached_or_run), and no
+# result file is written, so an interrupted run never replaces the last complete one.
 STOP = threading.Event()
 INTERRUPTED = "interrupted (SIGINT/SIGTERM to the benchmark)"
 
@@ -271,9 +272,6 @@ def run_child(
     0.1 s; killed when it runs past `timeout_s`, its RSS passes `rss_cap_mib` (so that a plain
     export's 8192-token attention cannot take the shared machine down) or the run is stopped."""
     start = time.monotonic()
-    if STOP.is_set():
-        return ChildOutcome(returncode=None, result=None, wall_s=0.0, peak_rss_mib=0.0,
-                            killed=INTERRUPTED)  # fmt: skip
     proc = subprocess.Popen(
         list(cmd),
         cwd=cwd,
