@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 import handler.logging as request_logging
-from handler.app import carried_size, create_app
+from handler.app import create_app
+from handler.middleware import carried_size
 from handler.settings import (
     CLOUD_RUN_RESPONSE_LIMIT,
     LAMBDA_RESPONSE_LIMIT,
     Settings,
-    default_response_limit,
     resolve_api_keys,
 )
 
@@ -230,10 +230,16 @@ def test_empty_api_key_means_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().api_key is None
 
 
-def test_response_limit_defaults_per_platform() -> None:
-    assert default_response_limit({"AWS_LAMBDA_FUNCTION_NAME": "f"}) == LAMBDA_RESPONSE_LIMIT
-    assert default_response_limit({"K_SERVICE": "svc"}) == CLOUD_RUN_RESPONSE_LIMIT
-    assert default_response_limit({}) == 0
+def test_response_limit_defaults_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE", "MAX_RESPONSE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "f")
+    assert Settings().response_limit == LAMBDA_RESPONSE_LIMIT
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME")
+    monkeypatch.setenv("K_SERVICE", "svc")
+    assert Settings().response_limit == CLOUD_RUN_RESPONSE_LIMIT
+    monkeypatch.delenv("K_SERVICE")
+    assert Settings().response_limit == 0
 
 
 # ---- ROUTE_PREFIX --------------------------------------------------------------------------------
@@ -403,9 +409,6 @@ class _Broken:
     @property
     def info(self) -> Any:
         return self.inner.info
-
-    def count_tokens(self, texts: Any) -> list[int]:
-        return self.inner.count_tokens(texts)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error

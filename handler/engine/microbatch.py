@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from handler.engine import scoring
 from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
+from handler.engine.heads import shortened
 from handler.engine.types import (
     DEFAULT_SCORE_WEIGHTS,
     EmbeddingEngine,
@@ -95,9 +96,6 @@ class MicroBatcher:
     def info(self) -> ModelInfo:
         return self.engine.info
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.engine.count_tokens(texts)
-
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.engine.token_strings(weights)
 
@@ -110,10 +108,16 @@ class MicroBatcher:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.engine.check_dimensions(dimensions)
         start = time.perf_counter()
-        ids = self.engine.tokenize(texts, max_length=max_length, truncate=truncate)
-        return self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        ids = self.engine.tokenize(
+            texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens
+        )
+        encoded = self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        return shortened(encoded, dimensions)
 
     def encode_ids(
         self,
@@ -124,10 +128,16 @@ class MicroBatcher:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.engine.check_dimensions(dimensions)
         start = time.perf_counter()
-        checked = self.engine.check_ids(ids, max_length=max_length, truncate=truncate)
-        return self._submit(checked, (dense, sparse, colbert), _ms_since(start))
+        checked = self.engine.check_ids(
+            ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
+        )
+        encoded = self._submit(checked, (dense, sparse, colbert), _ms_since(start))
+        return shortened(encoded, dimensions)
 
     def score(
         self,
@@ -136,10 +146,16 @@ class MicroBatcher:
         *,
         weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
         max_length: int | None = None,
+        max_tokens: int | None = None,
     ) -> Scores:
         # Through self.encode, so score requests share passes with embedding requests.
         return scoring.score_pairs(
-            self, sentences_1, sentences_2, weights=weights, max_length=max_length
+            self,
+            sentences_1,
+            sentences_2,
+            weights=weights,
+            max_length=max_length,
+            max_tokens=max_tokens,
         )
 
     @property
