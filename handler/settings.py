@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # Loopback unless told otherwise: a local server with auth off must not face the network.
     # The container images set HOST=0.0.0.0.
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: a free port, named in the log
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # ---- limits -------------------------------------------------------------------------------

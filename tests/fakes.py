@@ -200,7 +200,9 @@ class FakeEngine:
 
     def expected_dense(self, text: str) -> FloatArray:
         ids = self.tokenize(text)
-        return self.dense_of(ids if len(ids) <= self.max_length else self._cut(ids, self.max_length))
+        return self.dense_of(
+            ids if len(ids) <= self.max_length else self._cut(ids, self.max_length)
+        )
 
     def score(
         self,

@@ -165,3 +165,17 @@ def test_unauthorized_is_1000001() -> None:
     assert error["message"].startswith("unauthorized")
     r = app.post(PATH, json=request(["a"]), headers={"Authorization": "Bearer secret"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("engine", "params"),
+    [
+        (dense_only(), {"return_dense": False}),
+        (bge_m3_like(), {"return_dense": False, "return_sparse": False}),
+    ],
+)
+def test_nothing_asked_names_the_v2_switches(engine: FakeEngine, params: dict[str, Any]) -> None:
+    r = client(engine).post(PATH, json=request(["a"], model=engine.model_id, **params))
+    message = assert_v2_error(r, 400, 1000003)["message"]
+    assert "return_dense" in message and "return_sparse" in message
+    assert "colbert" not in message.lower()
