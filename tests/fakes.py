@@ -24,13 +24,11 @@ from handler.engine import heads, scoring
 from handler.engine.errors import CapabilityError, InputError
 from handler.engine.tokenizer import checked_ids, fit
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     Capabilities,
     Encoded,
     FloatArray,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -50,7 +48,7 @@ def _weight(token_id: int) -> float:
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(scoring.PairScoring):
     model_id: str = "bge-m3"
     aliases: tuple[str, ...] = ("BAAI/bge-m3",)
     dims: int = 32
@@ -202,25 +200,6 @@ class FakeEngine:
         ids = self.tokenize(text)
         return self.dense_of(
             ids if len(ids) <= self.max_length else self._cut(ids, self.max_length)
-        )
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-        max_tokens: int | None = None,
-    ) -> Scores:
-        # The engine's own scoring over this fake's encode, as the real engines do.
-        return scoring.score_pairs(
-            self,
-            sentences_1,
-            sentences_2,
-            weights=weights,
-            max_length=max_length,
-            max_tokens=max_tokens,
         )
 
 

@@ -1,4 +1,4 @@
-"""Native BGE-M3 dialect (seed 003) and the public routes on the fake engines: /embeddings,
+"""Native BGE-M3 dialect and the public routes on the fake engines: /embeddings,
 /score, /models, /models/{id}, /health, /."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""v2 dialect (seed 002 / Volcengine embedding v2) on the fake engines: request and response shape,
-defaults, and every error as {"code", "message", "request_id"} with the seed's codes."""
+"""v2 dialect (Volcengine embedding v2) on the fake engines: request and response shape,
+defaults, and every error as {"code", "message", "request_id"} with Volcengine's codes."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_too_long_with_truncate_false_is_400() -> None:
     assert_v2_error(r, 400, 1000003)
 
 
-def test_get_is_accepted_like_the_seed_says() -> None:
+def test_get_is_accepted_as_volcengine_documents() -> None:
     r = client().request("GET", PATH, json=request(["a"]))
     assert r.status_code == 200 and r.json()["code"] == 0
 

@@ -30,13 +30,11 @@ from handler.engine.session import (
 )
 from handler.engine.tokenizer import TextTokenizer
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     Capabilities,
     Encoded,
     FloatArray,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +65,7 @@ class _Tokens:
 
 
 @dataclass
-class Engine:
+class Engine(scoring.PairScoring):
     manifest: Manifest
     tokenizer: TextTokenizer
     session: Any  # onnxruntime.InferenceSession (untyped)
@@ -327,26 +325,6 @@ class Engine:
             colbert=colbert_out,
             token_counts=lengths,
             timings_ms={"tokenize": tokenize_ms, "infer": infer_ms, "post": post_ms},
-        )
-
-    # ---- scoring -------------------------------------------------------------------------------
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-        max_tokens: int | None = None,
-    ) -> Scores:
-        return scoring.score_pairs(
-            self,
-            sentences_1,
-            sentences_2,
-            weights=weights,
-            max_length=max_length,
-            max_tokens=max_tokens,
         )
 
 

@@ -31,12 +31,10 @@ from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
 from handler.engine.heads import shortened
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     EmbeddingEngine,
     Encoded,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 log = logging.getLogger(__name__)
@@ -67,8 +65,9 @@ class _Job:
         self.tokens = sum(len(s) for s in self.ids)
 
 
-class MicroBatcher:
-    """An `Engine` whose encode calls from many threads are merged into shared passes."""
+class MicroBatcher(scoring.PairScoring):
+    """An `Engine` whose encode calls from many threads are merged into shared passes (score
+    requests too: PairScoring scores through this class's encode)."""
 
     def __init__(
         self,
@@ -138,25 +137,6 @@ class MicroBatcher:
         )
         encoded = self._submit(checked, (dense, sparse, colbert), _ms_since(start))
         return shortened(encoded, dimensions)
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-        max_tokens: int | None = None,
-    ) -> Scores:
-        # Through self.encode, so score requests share passes with embedding requests.
-        return scoring.score_pairs(
-            self,
-            sentences_1,
-            sentences_2,
-            weights=weights,
-            max_length=max_length,
-            max_tokens=max_tokens,
-        )
 
     @property
     def queued(self) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from handler.engine.errors import InputError, TooManyTokensError
-from handler.engine.types import EmbeddingEngine, Scores
+from handler.engine.types import DEFAULT_SCORE_WEIGHTS, EmbeddingEngine, Scores
 
 FloatArray = NDArray[np.float32]
 
@@ -117,3 +117,26 @@ def score_pairs(
         timings_ms=both.timings_ms,
         batched_with=both.batched_with,
     )
+
+
+class PairScoring:
+    """`score` for an engine class, written once over the engine's own `encode`: mixed into the
+    Engine, the MicroBatcher (whose encode shares passes) and test fakes alike."""
+
+    def score(
+        self: EmbeddingEngine,
+        sentences_1: Sequence[str],
+        sentences_2: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        max_length: int | None = None,
+        max_tokens: int | None = None,
+    ) -> Scores:
+        return score_pairs(
+            self,
+            sentences_1,
+            sentences_2,
+            weights=weights,
+            max_length=max_length,
+            max_tokens=max_tokens,
+        )

@@ -204,8 +204,8 @@ class TextTokenizer:
         )
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
-        """Sparse weights keyed by the decoded token text (the seeds' format). Two ids that decode
-        to the same text (`▁What` and `What`) keep the larger weight."""
+        """Sparse weights keyed by the decoded token text (the v2 and native APIs' format). Two ids
+        that decode to the same text (`▁What` and `What`) keep the larger weight."""
         out: dict[str, float] = {}
         for token_id, w in weights.items():
             decoded = self.backend.token_text(token_id)
