@@ -45,7 +45,8 @@ HEADS = ("dense", "sparse", "colbert")
 @dataclass(frozen=True)
 class EngineConfig:
     threads: int | None = None  # None: default_threads(cpu_limit)
-    # vCPUs the platform grants beyond what the process sees (Lambda: what its memory buys).
+    # vCPUs the platform really grants where it shows the process more cores (Lambda: what
+    # its memory size buys); threads stay within it by default.
     cpu_limit: int | None = None
     # Padded tokens per forward pass (rows x longest row). Bounds activation memory.
     batch_token_budget: int = 16384
