@@ -510,3 +510,14 @@ def test_python_m_handler_main_serves_on_loopback_unless_host_says_otherwise() -
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_serving_line_says_what_is_bound_and_who_can_reach_it() -> None:
+    from handler.main import serving_line
+
+    line = serving_line(("0.0.0.0", 8080), settings(host="0.0.0.0", api_key="k"))
+    assert line.startswith("serving on http://0.0.0.0:8080 (reachable from the network")
+    assert "API key required" in line
+    line = serving_line(("::1", 9000, 0, 0), settings(host="::1", route_prefix="/embed"))
+    assert "http://[::1]:9000/embed" in line and "this machine only" in line
+    assert "API key off" in line
