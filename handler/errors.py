@@ -6,8 +6,8 @@ HTTP status once (`STATUS`). How it looks on the wire depends only on the dialec
 - OpenAI (`/v1/...`) and native (`/embeddings`, `/score`, `/models`, `/health`, `/`):
   `{"error": {"message", "type", "param", "code"}}`, all four keys always present (OpenAI's
   `ErrorResponse`; the native dialect uses the same shape so one client-side handler fits both).
-- v2 (`/api/data/embedding/...`): `{"code", "message", "request_id"}` with the seed's numeric codes
-  (1000003 invalid request, 1000001 unauthorized, 1000025 model not found; 1000029 and 1000028
+- v2 (`/api/data/embedding/...`): `{"code", "message", "request_id"}` with Volcengine's numeric
+  codes (1000003 invalid request, 1000001 unauthorized, 1000025 model not found; 1000029 and 1000028
   from the Volcengine SDK's table for rate limiting and server-side failures).
 
 Engine errors (handler/engine/errors.py) are mapped here too, so no route decides a status.
@@ -27,6 +27,7 @@ from handler.engine.errors import (
     InputError,
     InputTooLongError,
     ModelLoadError,
+    TooManyTokensError,
 )
 
 Dialect = Literal["openai", "v2", "native"]
@@ -97,7 +98,8 @@ V2_CODE: dict[ErrorKind, int] = {
     ErrorKind.INTERNAL: 1000028,
 }
 
-# The seed's message stems ("invalid request:%s", "unauthorized", "failed to calcTextEmbedding").
+# Volcengine's documented message stems ("invalid request:%s", "unauthorized",
+# "failed to calcTextEmbedding").
 V2_STEM: dict[ErrorKind, str] = {
     ErrorKind.INVALID_REQUEST: "invalid request: ",
     ErrorKind.UNAUTHORIZED: "unauthorized: ",
@@ -149,6 +151,14 @@ def from_engine_error(exc: EngineError) -> ApiError:
         return ApiError(
             ErrorKind.INVALID_REQUEST,
             f"{exc} (send `truncate: true`, the default, to cut long inputs instead)",
+            param=exc.param,
+            code=exc.code,
+        )
+    if isinstance(exc, TooManyTokensError):
+        return ApiError(
+            ErrorKind.INVALID_REQUEST,
+            f"This request has {exc.total} tokens; at most {exc.limit} are allowed per request. "
+            "Send fewer or shorter inputs.",
             param=exc.param,
             code=exc.code,
         )

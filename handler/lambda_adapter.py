@@ -5,8 +5,9 @@ request, outside the ASGI app, so a body that is not base64 raises `binascii.Err
 handler: Lambda reports an unhandled error and the caller sees a 500/502. These subclasses of
 Mangum's own ALB, HTTP API and REST API adapters (passed as `custom_handlers`, Mangum's extension
 point, so the entry point stays `Mangum(app, lifespan="off", ...)`) decode the same way but, on
-failure, hand the app an empty body and flag the scope; the app's middleware then answers 400 in
-the dialect's envelope, with the request id and the log line every request gets.
+failure, hand the app an empty body and, under the middleware's PLATFORM_ERROR_SCOPE_KEY, the 400
+to answer; the middleware answers it in the dialect's envelope, with the request id and the log
+line every request gets.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from mangum.handlers import ALB, APIGateway, HTTPGateway
 from mangum.handlers.utils import maybe_encode_body
 from mangum.types import Scope
 
-INVALID_BODY_SCOPE_KEY = "bge_m3.invalid_body"
+from handler.errors import invalid
+from handler.middleware import PLATFORM_ERROR_SCOPE_KEY
 
 _UNSET = object()
 
@@ -42,7 +44,10 @@ def _decoded_body(handler: Any) -> bytes | None:
 
 def _flagged(handler: Any, scope: Scope) -> Scope:
     if _decoded_body(handler) is None:
-        scope[INVALID_BODY_SCOPE_KEY] = True
+        scope[PLATFORM_ERROR_SCOPE_KEY] = invalid(
+            "The event says isBase64Encoded=true but its body is not valid base64.",
+            code="invalid_base64_body",
+        )
     return scope
 
 

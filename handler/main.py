@@ -7,7 +7,7 @@ load starts in a thread before FastAPI and the app are imported, so the two over
 loading fails the app still starts: /health answers 503 with the reason, every other route a 503
 in its dialect's envelope, and the log says what went wrong.
 
-    python -m handler.main        # uvicorn on 0.0.0.0:$PORT (default 8000)
+    python -m handler.main        # uvicorn on $HOST:$PORT (default 127.0.0.1:8000)
 """
 
 from __future__ import annotations
@@ -17,51 +17,51 @@ import logging
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from handler.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from handler.engine import EngineConfig
     from handler.engine.types import ModelRegistry
 
 log = logging.getLogger("handler.main")
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's part of the settings, platform defaults included."""
+    from handler.engine import EngineConfig
+
+    return EngineConfig(
+        threads=settings.threads,
+        cpu_limit=settings.cpu_limit,
+        batch_token_budget=settings.batch_token_budget,
+        verify=settings.model_verify,
+        device=settings.device,
+        warmup=settings.warmup,
+    )
+
+
 @functools.cache
-def _load(
-    paths: tuple[Path, ...],
-    threads: int | None,
-    batch_token_budget: int,
-    verify: str,
-    device: str,
-    warmup: bool,
-    micro_batch: bool,
-    micro_batch_wait_ms: float,
-) -> tuple[ModelRegistry | None, str | None]:
+def _load(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
+    paths = settings.model_paths
     if not paths:
         return None, (
             "MODEL_PATH is not set: point it at a directory made by "
             "`python -m model_build --out DIR` (several: comma-separated)"
         )
     start = time.perf_counter()
+    wait_ms = settings.micro_batch_wait_ms
     try:
         # Imported here so that a broken runtime (say, onnxruntime missing) is a 503 with the
         # reason, not an app that cannot start.
         from handler import engine as engine_pkg
 
-        config = engine_pkg.EngineConfig(
-            threads=threads,
-            batch_token_budget=batch_token_budget,
-            verify=verify,  # type: ignore[arg-type]  # validated by Settings
-            device=device,  # type: ignore[arg-type]
-            warmup=warmup,
-        )
-        registry = engine_pkg.load_registry(list(paths), config)
-        if micro_batch:
-            registry = engine_pkg.micro_batched(registry, wait_ms=micro_batch_wait_ms)
+        registry = engine_pkg.load_registry(list(paths), engine_config(settings))
+        if settings.micro_batch:
+            registry = engine_pkg.micro_batched(registry, wait_ms=wait_ms)
     except Exception as exc:
         log.exception("loading the models from %s failed", ",".join(map(str, paths)))
         return None, f"{type(exc).__name__}: {exc}"
@@ -69,7 +69,7 @@ def _load(
         "loaded %s in %.0f ms (micro-batching %s)",
         ", ".join(e.info.id for e in registry),
         (time.perf_counter() - start) * 1000.0,
-        f"on, wait {micro_batch_wait_ms:g} ms" if micro_batch else "off",
+        f"on, wait {wait_ms:g} ms" if settings.micro_batch else "off",
     )
     return registry, None
 
@@ -81,16 +81,7 @@ def load_models(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
     """The registry for these settings, built once per process (and the error, if it failed).
     The lock makes a second caller wait for a load in progress instead of starting another."""
     with _load_lock:
-        return _load(
-            settings.model_paths,
-            settings.threads,
-            settings.batch_token_budget,
-            settings.model_verify,
-            settings.device,
-            settings.warmup,
-            settings.micro_batch,
-            settings.micro_batch_wait_ms,
-        )
+        return _load(settings)
 
 
 def start_loading(settings: Settings) -> threading.Thread:
@@ -133,12 +124,27 @@ def main() -> None:
     import uvicorn
 
     # access_log off: the app writes its own JSON line per request (handler/logging.py).
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+    )
+    # The socket is bound here so that the line below names the address actually bound (with
+    # PORT=0, the port the system chose), not the one asked for.
+    sock = config.bind_socket()
+    log.info("%s", serving_line(sock.getsockname(), settings))
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serving_line(bound: tuple[Any, ...], settings: Settings) -> str:
+    host, port = str(bound[0]), int(bound[1])
+    shown = f"[{host}]" if ":" in host else host
+    reach = "this machine only" if host in ("127.0.0.1", "::1", "localhost") else "the network"
+    return (
+        f"serving on http://{shown}:{port}{settings.route_prefix} (reachable from {reach}; "
+        f"HOST={settings.host}), API key {'required' if settings.auth_configured else 'off'}"
     )
 
 

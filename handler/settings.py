@@ -12,8 +12,6 @@ read them with boto3 at start; see `resolve_api_keys`. With none of the three, a
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,25 +22,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024
 # Cloud Run's limit for a non-streamed HTTP/1 response: 32 MiB.
 CLOUD_RUN_RESPONSE_LIMIT = 32 * 1024 * 1024
+# AWS: "at 1,769 MB, a function has the equivalent of one vCPU"; at most 6 vCPUs (10,240 MB).
+LAMBDA_MB_PER_VCPU = 1769
+LAMBDA_MAX_VCPUS = 6
 
-
-def running_on_lambda(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return bool(env.get("AWS_LAMBDA_FUNCTION_NAME"))
-
-
-def running_on_cloud_run(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return bool(env.get("K_SERVICE"))
-
-
-def default_response_limit(environ: Mapping[str, str] | None = None) -> int:
-    """0 means no limit: a plain container or laptop has no proxy that caps responses."""
-    if running_on_lambda(environ):
-        return LAMBDA_RESPONSE_LIMIT
-    if running_on_cloud_run(environ):
-        return CLOUD_RUN_RESPONSE_LIMIT
-    return 0
+Platform = Literal["lambda", "cloud_run", "other"]
 
 
 class Settings(BaseSettings):
@@ -76,8 +60,10 @@ class Settings(BaseSettings):
 
     # ---- HTTP ---------------------------------------------------------------------------------
     route_prefix: str = ""
-    host: str = "0.0.0.0"
-    port: int = Field(default=8000, ge=1, le=65535)
+    # Loopback unless told otherwise: a local server with auth off must not face the network.
+    # The container images set HOST=0.0.0.0.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: a free port, named in the log
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # ---- limits -------------------------------------------------------------------------------
@@ -90,6 +76,11 @@ class Settings(BaseSettings):
     max_response_bytes: int | None = Field(default=None, ge=0)
     max_concurrent_requests: int = Field(default=32, ge=1)
     retry_after_seconds: int = Field(default=1, ge=1)
+
+    # ---- set by the platform, never by hand ------------------------------------------------------
+    aws_lambda_function_name: str | None = None
+    aws_lambda_function_memory_size: int | None = Field(default=None, ge=1)
+    k_service: str | None = None  # Cloud Run's service name
 
     @field_validator("route_prefix")
     @classmethod
@@ -117,6 +108,9 @@ class Settings(BaseSettings):
         "threads",
         "max_input_tokens",
         "max_response_bytes",
+        "aws_lambda_function_name",
+        "aws_lambda_function_memory_size",
+        "k_service",
         mode="before",
     )
     @classmethod
@@ -126,7 +120,7 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: Any) -> Any:
-        # An empty API_KEY (seed 004's docker-compose sets `API_KEY: ""`) means "no auth".
+        # An empty API_KEY (docker-compose files often carry `API_KEY: ""`) means "no auth".
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -152,12 +146,31 @@ class Settings(BaseSettings):
         return tuple(Path(p.strip()) for p in self.model_path.split(",") if p.strip())
 
     @property
+    def platform(self) -> Platform:
+        if self.aws_lambda_function_name:
+            return "lambda"
+        if self.k_service:
+            return "cloud_run"
+        return "other"
+
+    @property
     def response_limit(self) -> int:
-        """Bytes a response may have; 0 = unlimited. Default per platform (Lambda 6 MB, Cloud Run
-        32 MiB, elsewhere none)."""
+        """Bytes a response may have; 0 = unlimited. Default per platform: Lambda 6 MB, Cloud Run
+        32 MiB, elsewhere none (a plain container or laptop has no proxy that caps responses)."""
         if self.max_response_bytes is not None:
             return self.max_response_bytes
-        return default_response_limit()
+        return {"lambda": LAMBDA_RESPONSE_LIMIT, "cloud_run": CLOUD_RUN_RESPONSE_LIMIT}.get(
+            self.platform, 0
+        )
+
+    @property
+    def cpu_limit(self) -> int | None:
+        """The vCPUs a Lambda function's memory size buys (it sees every core of its host but
+        runs on these); None elsewhere, where the cores the process may use are the limit."""
+        memory = self.aws_lambda_function_memory_size
+        if memory is None:
+            return None
+        return min(LAMBDA_MAX_VCPUS, max(1, round(memory / LAMBDA_MB_PER_VCPU)))
 
     @property
     def auth_configured(self) -> bool:

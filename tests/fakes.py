@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from handler.engine.errors import CapabilityError, InputError, InputTooLongError
+from handler.engine import heads, scoring
+from handler.engine.errors import CapabilityError, InputError
+from handler.engine.tokenizer import checked_ids, fit
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     Capabilities,
     Encoded,
     FloatArray,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -48,7 +48,7 @@ def _weight(token_id: int) -> float:
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(scoring.PairScoring):
     model_id: str = "bge-m3"
     aliases: tuple[str, ...] = ("BAAI/bge-m3",)
     dims: int = 32
@@ -90,16 +90,8 @@ class FakeEngine:
     def tokenize(self, text: str) -> list[int]:
         return [BOS, *(self.word_id(w) for w in text.split()), EOS]
 
-    def _cut(self, ids: list[int], limit: int, truncate: bool, index: int) -> list[int]:
-        if len(ids) <= limit:
-            return ids
-        if not truncate:
-            raise InputTooLongError(
-                f"input {index} has {len(ids)} tokens, more than the limit of {limit}",
-                index=index,
-                tokens=len(ids),
-                limit=limit,
-            )
+    @staticmethod
+    def _cut(ids: list[int], limit: int) -> list[int]:
         return [*ids[: limit - 1], ids[-1]]
 
     def _limit(self, max_length: int | None) -> int:
@@ -110,10 +102,6 @@ class FakeEngine:
         return min(max_length, self.max_length)
 
     # ---- EmbeddingEngine -------------------------------------------------------------------
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        self.calls.append(("count_tokens", {"n": len(texts)}))
-        return [min(len(self.tokenize(t)), self.max_length) for t in texts]
-
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         out: dict[str, float] = {}
         for token_id, w in weights.items():
@@ -130,6 +118,8 @@ class FakeEngine:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
         self.calls.append(
             (
@@ -144,9 +134,16 @@ class FakeEngine:
                 },
             )
         )
+        heads.check_dimensions(dimensions, self.dims, self.model_id)
         limit = self._limit(max_length)
-        ids = [self._cut(self.tokenize(t), limit, truncate, i) for i, t in enumerate(texts)]
-        return self._run(ids, dense, sparse, colbert)
+        ids = fit(
+            [self.tokenize(t) for t in texts],
+            self._cut,
+            max_length=limit,
+            truncate=truncate,
+            max_tokens=max_tokens,
+        )
+        return heads.shortened(self._run(ids, dense, sparse, colbert), dimensions)
 
     def encode_ids(
         self,
@@ -157,15 +154,19 @@ class FakeEngine:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
         self.calls.append(("encode_ids", {"ids": [list(s) for s in ids], "truncate": truncate}))
-        limit = self._limit(max_length)
-        checked = []
-        for i, seq in enumerate(ids):
-            if not seq or any(not 0 <= t < self.vocab_size for t in seq):
-                raise InputError(f"input {i} has bad token ids", param="input")
-            checked.append(self._cut(list(seq), limit, truncate, i))
-        return self._run(checked, dense, sparse, colbert)
+        heads.check_dimensions(dimensions, self.dims, self.model_id)
+        checked = fit(
+            [checked_ids(i, seq, self.vocab_size) for i, seq in enumerate(ids)],
+            self._cut,
+            max_length=self._limit(max_length),
+            truncate=truncate,
+            max_tokens=max_tokens,
+        )
+        return heads.shortened(self._run(checked, dense, sparse, colbert), dimensions)
 
     def _run(self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool) -> Encoded:
         asked = {"dense": dense, "sparse": sparse, "colbert": colbert}
@@ -196,47 +197,10 @@ class FakeEngine:
         return _unit(f"{self.model_id}:colbert:{list(ids)}".encode(), (len(ids) - 1, self.dims))
 
     def expected_dense(self, text: str) -> FloatArray:
-        return self.dense_of(self._cut(self.tokenize(text), self.max_length, True, 0))
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-    ) -> Scores:
-        if len(sentences_1) != len(sentences_2):
-            raise InputError("sentences_1 and sentences_2 must pair up", param="sentences_2")
-        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise InputError("weights must be three non-negative numbers", param="weights")
-        full = self.capabilities.sparse and self.capabilities.colbert
-        both = self.encode(
-            [*sentences_1, *sentences_2],
-            sparse=full,
-            colbert=full,
-            max_length=max_length,
+        ids = self.tokenize(text)
+        return self.dense_of(
+            ids if len(ids) <= self.max_length else self._cut(ids, self.max_length)
         )
-        n = len(sentences_1)
-        assert both.dense is not None
-        dense = [float(both.dense[i] @ both.dense[n + i]) for i in range(n)]
-        if both.sparse is None or both.colbert is None:
-            return Scores(dense, None, None, None, None, both.token_counts, both.timings_ms)
-        sp = [
-            float(sum(w * both.sparse[n + i].get(t, 0.0) for t, w in both.sparse[i].items()))
-            for i in range(n)
-        ]
-        cb = [float((both.colbert[i] @ both.colbert[n + i].T).max(axis=1).mean()) for i in range(n)]
-        wd, ws, wc = weights
-        sd = [
-            (wd * d + ws * s) / (wd + ws) if wd + ws else 0.0
-            for d, s in zip(dense, sp, strict=True)
-        ]
-        csd = [
-            (wd * d + ws * s + wc * c) / (wd + ws + wc)
-            for d, s, c in zip(dense, sp, cb, strict=True)
-        ]
-        return Scores(dense, sp, cb, sd, csd, both.token_counts, both.timings_ms)
 
 
 def bge_m3_like(**kwargs: Any) -> FakeEngine:

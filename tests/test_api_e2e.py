@@ -189,6 +189,32 @@ def test_native_dense_only_model(client: TestClient, models: ModelRegistry) -> N
     assert [m["id"] for m in health["models"]] == [e.info.id for e in models]
 
 
+def test_each_request_is_tokenized_once(
+    client: TestClient, models: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the real tokenizer, counted WHEN a request runs, or is refused by the token cap,
+    # THEN its texts went through the tokenizer once: the cap counts the engine's own tokens.
+    engine = bge(models)
+    backend = engine.tokenizer.backend
+    calls: list[int] = []
+    encode_batch = backend.encode_batch
+
+    def counted(texts: list[str]) -> list[list[int]]:
+        calls.append(len(texts))
+        return encode_batch(texts)
+
+    monkeypatch.setattr(backend, "encode_batch", counted)
+    r = client.post("/v1/embeddings", json={"model": engine.info.id, "input": TEXTS})
+    assert r.status_code == 200, r.text
+    assert calls == [len(TEXTS)]
+    total = r.json()["usage"]["total_tokens"]
+    capped = TestClient(create_app(settings(max_tokens_per_request=total - 1), models))
+    r = capped.post("/v1/embeddings", json={"model": engine.info.id, "input": TEXTS})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_per_request"
+    assert str(total) in r.json()["error"]["message"]
+    assert calls == [len(TEXTS), len(TEXTS)]
+
+
 # ---- the Lambda entry point with the real engine -------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Native BGE-M3 dialect (seed 003) and the public routes on the fake engines: /embeddings,
+"""Native BGE-M3 dialect and the public routes on the fake engines: /embeddings,
 /score, /models, /models/{id}, /health, /."""
 
 from __future__ import annotations
@@ -230,3 +230,62 @@ def test_root_describes_the_service() -> None:
 
 def test_unknown_url_is_native_404() -> None:
     assert_native_error(client().get("/nope"), 404, "unknown_url")
+
+
+def test_root_describes_the_models_really_served() -> None:
+    body = client(dense_only()).get("/").json()
+    assert body["models"] == ["all-MiniLM-L6-v2"]
+    assert body["outputs"] == {"all-MiniLM-L6-v2": ["dense"]}
+    assert "all-MiniLM-L6-v2 (dense)" in body["description"]
+    assert "sparse" not in body["description"] and "ColBERT" not in body["description"]
+    full = client().get("/").json()
+    assert "bge-m3 (dense, sparse, ColBERT)" in full["description"]
+    down = TestClient(create_app(settings(), None, load_error="model.onnx missing")).get("/")
+    assert "no model loaded: model.onnx missing" in down.json()["description"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/"])
+def test_head_answers_like_get_without_a_body(path: str) -> None:
+    # Uptime checkers send HEAD.
+    app = client(api_key="k")
+    get, head = app.get(path), app.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/health", "GET, HEAD"),
+        ("POST", "/", "GET, HEAD"),
+        ("GET", "/score", "POST"),
+        ("PUT", "/models/bge-m3", "GET"),
+        ("DELETE", "/api/data/embedding/version/2", "GET, POST"),
+        ("GET", "/v1/embeddings", "POST"),
+    ],
+)
+def test_405_says_which_methods_are_allowed(method: str, path: str, allow: str) -> None:
+    r = client(route_prefix="/embed").request(method, "/embed" + path)
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    assert allow in r.text
+
+
+def test_score_without_sentences_2_says_it_is_required() -> None:
+    error = assert_native_error(client().post("/score", json={"sentences_1": ["a"]}), 400)
+    assert error["param"] == "sentences_2"
+    assert error["message"] == "'sentences_2' is required."
+
+
+def test_docs_load_everything_from_the_app_itself() -> None:
+    # GIVEN no internet WHEN /docs opens THEN every script and style it loads is served here
+    import re
+
+    app = client(route_prefix="/embed")
+    page = app.get("/embed/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets and not [a for a in assets if "//" in a], assets
+    for asset in assets:
+        r = app.get(asset)
+        assert r.status_code == 200 and len(r.content) > 1000, asset
+    assert app.get("/embed/openapi.json").json()["paths"]

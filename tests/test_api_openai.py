@@ -320,3 +320,22 @@ def test_unknown_v1_url_and_wrong_method_use_openai_envelope() -> None:
     app = client()
     assert_openai_error(app.post("/v1/completions", json={}), 404, "unknown_url")
     assert_openai_error(app.get("/v1/embeddings"), 405, "method_not_allowed")
+
+
+def test_dimensions_as_a_string_is_refused() -> None:
+    # OpenAI's schema says integer; "64" is not read as 64.
+    r = client().post("/v1/embeddings", json={"model": "bge-m3", "input": "x", "dimensions": "8"})
+    error = assert_openai_error(r, 400)
+    assert error["param"] == "dimensions" and "integer" in error["message"]
+
+
+def test_a_request_is_tokenized_once_by_the_engine() -> None:
+    # GIVEN a token cap small enough to matter WHEN requests come in THEN the engine's one call
+    # both counts and encodes: nothing tokenizes the texts beforehand just to count them.
+    fake = bge_m3_like(max_length=8)
+    app = client(fake, max_tokens_per_request=16)
+    words = " ".join(["w"] * 50)
+    assert app.post("/v1/embeddings", json={"input": [words, words]}).status_code == 200
+    r = app.post("/v1/embeddings", json={"input": [words, words, "x"]})
+    assert_openai_error(r, 400, "max_tokens_per_request")
+    assert [name for name, _ in fake.calls] == ["encode", "encode"]

@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 import handler.logging as request_logging
-from handler.app import carried_size, create_app
+from handler.app import create_app
+from handler.middleware import carried_size
 from handler.settings import (
     CLOUD_RUN_RESPONSE_LIMIT,
     LAMBDA_RESPONSE_LIMIT,
     Settings,
-    default_response_limit,
     resolve_api_keys,
 )
 
@@ -230,10 +230,16 @@ def test_empty_api_key_means_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().api_key is None
 
 
-def test_response_limit_defaults_per_platform() -> None:
-    assert default_response_limit({"AWS_LAMBDA_FUNCTION_NAME": "f"}) == LAMBDA_RESPONSE_LIMIT
-    assert default_response_limit({"K_SERVICE": "svc"}) == CLOUD_RUN_RESPONSE_LIMIT
-    assert default_response_limit({}) == 0
+def test_response_limit_defaults_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_LAMBDA_FUNCTION_NAME", "K_SERVICE", "MAX_RESPONSE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "f")
+    assert Settings().response_limit == LAMBDA_RESPONSE_LIMIT
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME")
+    monkeypatch.setenv("K_SERVICE", "svc")
+    assert Settings().response_limit == CLOUD_RUN_RESPONSE_LIMIT
+    monkeypatch.delenv("K_SERVICE")
+    assert Settings().response_limit == 0
 
 
 # ---- ROUTE_PREFIX --------------------------------------------------------------------------------
@@ -404,9 +410,6 @@ class _Broken:
     def info(self) -> Any:
         return self.inner.info
 
-    def count_tokens(self, texts: Any) -> list[int]:
-        return self.inner.count_tokens(texts)
-
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error
 
@@ -435,3 +438,86 @@ def test_engine_model_load_error_is_503() -> None:
         "/v1/embeddings", json=OPENAI_BODY
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_platform_defaults_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HOST",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "K_SERVICE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    plain = Settings()
+    assert plain.host == "127.0.0.1" and plain.platform == "other" and plain.cpu_limit is None
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "bge-m3")
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")
+    on_lambda = Settings()
+    assert on_lambda.platform == "lambda" and on_lambda.cpu_limit == 2
+    assert Settings(aws_lambda_function_memory_size=10240).cpu_limit == 6
+    assert Settings(aws_lambda_function_memory_size=128).cpu_limit == 1
+
+
+def test_engine_config_is_the_engines_part_of_the_settings() -> None:
+    from handler.engine import EngineConfig
+    from handler.main import engine_config
+
+    s = settings(
+        threads=3,
+        aws_lambda_function_memory_size=3538,
+        batch_token_budget=4096,
+        model_verify="size",
+        device="cuda",
+        warmup=False,
+    )
+    assert engine_config(s) == EngineConfig(
+        threads=3, cpu_limit=2, batch_token_budget=4096, verify="size", device="cuda", warmup=False
+    )
+
+
+def test_python_m_handler_main_serves_on_loopback_unless_host_says_otherwise() -> None:
+    # GIVEN the documented local start, with no HOST and no model (the app still answers)
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "MODEL_PATH", "API_KEY")}
+    env.update({"PORT": "0", "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "handler.main"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for line in proc.stderr:  # ends if the process dies, so no wait is unbounded
+            lines.append(line)
+            if "serving on" in line:
+                break
+        banner = next((line for line in lines if "serving on" in line), "")
+        # THEN the line names the address really bound, and that is loopback
+        found = re.search(r"serving on http://([^:]+):(\d+)", banner)
+        assert found, "".join(lines)
+        assert found.group(1) == "127.0.0.1" and "this machine only" in banner
+        r = httpx.get(f"http://127.0.0.1:{found.group(2)}/health", timeout=30)
+        assert r.status_code == 503 and "MODEL_PATH" in r.json()["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_serving_line_says_what_is_bound_and_who_can_reach_it() -> None:
+    from handler.main import serving_line
+
+    line = serving_line(("0.0.0.0", 8080), settings(host="0.0.0.0", api_key="k"))
+    assert line.startswith("serving on http://0.0.0.0:8080 (reachable from the network")
+    assert "API key required" in line
+    line = serving_line(("::1", 9000, 0, 0), settings(host="::1", route_prefix="/embed"))
+    assert "http://[::1]:9000/embed" in line and "this machine only" in line
+    assert "API key off" in line

@@ -1,5 +1,5 @@
-"""v2 dialect (seed 002 / Volcengine embedding v2) on the fake engines: request and response shape,
-defaults, and every error as {"code", "message", "request_id"} with the seed's codes."""
+"""v2 dialect (Volcengine embedding v2) on the fake engines: request and response shape,
+defaults, and every error as {"code", "message", "request_id"} with Volcengine's codes."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_too_long_with_truncate_false_is_400() -> None:
     assert_v2_error(r, 400, 1000003)
 
 
-def test_get_is_accepted_like_the_seed_says() -> None:
+def test_get_is_accepted_as_volcengine_documents() -> None:
     r = client().request("GET", PATH, json=request(["a"]))
     assert r.status_code == 200 and r.json()["code"] == 0
 
@@ -165,3 +165,17 @@ def test_unauthorized_is_1000001() -> None:
     assert error["message"].startswith("unauthorized")
     r = app.post(PATH, json=request(["a"]), headers={"Authorization": "Bearer secret"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("engine", "params"),
+    [
+        (dense_only(), {"return_dense": False}),
+        (bge_m3_like(), {"return_dense": False, "return_sparse": False}),
+    ],
+)
+def test_nothing_asked_names_the_v2_switches(engine: FakeEngine, params: dict[str, Any]) -> None:
+    r = client(engine).post(PATH, json=request(["a"], model=engine.model_id, **params))
+    message = assert_v2_error(r, 400, 1000003)["message"]
+    assert "return_dense" in message and "return_sparse" in message
+    assert "colbert" not in message.lower()

@@ -90,3 +90,54 @@ def test_vnni_detection_reads_cpu_flags() -> None:
     assert x86_without_vnni("flags\t: fpu sse2 avx2 avx512f\n") is True
     assert x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n") is False
     assert x86_without_vnni("flags\t: fpu avx2 avx_vnni\n") is False
+
+
+def test_dense_cosine_stays_within_unit_for_fp16_vectors() -> None:
+    # GIVEN unit vectors as an fp16 graph gives them: rounded to fp16, norms off 1 by ~1e-3
+    rng = np.random.default_rng(7)
+    v = heads.l2_normalize(rng.standard_normal(1024).astype(np.float32))
+    q = (v * np.float32(1.0002)).astype(np.float16).astype(np.float32)
+    assert float(np.dot(q, q)) > 1.0003  # the plain dot product reads above 1
+    # THEN the cosine is 1 at most, and -1 at least, yet still the cosine of the two vectors
+    assert scoring.dense_score(q, q) <= 1.0
+    assert scoring.dense_score(q, -q) >= -1.0
+    assert scoring.dense_score(q, q) == pytest.approx(1.0, abs=1e-12)
+    p = heads.l2_normalize(rng.standard_normal(1024).astype(np.float32))
+    cosine = float(np.dot(q, p) / (np.linalg.norm(q) * np.linalg.norm(p)))
+    assert scoring.dense_score(q, p) == pytest.approx(cosine, abs=1e-6)
+    rows = np.stack([q, q])
+    assert scoring.colbert_score(rows, rows) <= 1.0
+
+
+def test_dimensions_are_checked_and_leave_the_full_width_untouched() -> None:
+    from handler.engine.errors import InputError
+    from handler.engine.types import Encoded
+
+    dense = heads.l2_normalize(np.array([[3.0, 4.0, 12.0]], dtype=np.float32))
+    encoded = Encoded(dense=dense, sparse=None, colbert=None, token_counts=[3])
+    assert heads.shortened(encoded, None) is encoded
+    assert heads.shortened(encoded, 3) is encoded
+    np.testing.assert_allclose(heads.shortened(encoded, 2).dense, [[0.6, 0.8]], rtol=1e-6)
+    heads.check_dimensions(3, 3, "m")
+    with pytest.raises(InputError, match="'dimensions' is 4, but model 'm' has 3") as info:
+        heads.check_dimensions(4, 3, "m")
+    assert info.value.code == "invalid_dimensions" and info.value.param == "dimensions"
+
+
+def test_total_tokens_are_counted_after_truncation_and_before_too_long() -> None:
+    from handler.engine.errors import InputTooLongError, TooManyTokensError
+    from handler.engine.tokenizer import fit
+
+    def cut(ids: list[int], n: int) -> list[int]:
+        return ids[:n]
+
+    seqs = [list(range(10)), list(range(3))]
+    assert [len(s) for s in fit(seqs, cut, max_length=4, truncate=True, max_tokens=7)] == [4, 3]
+    with pytest.raises(TooManyTokensError) as info:
+        fit(seqs, cut, max_length=4, truncate=True, max_tokens=6)
+    assert (info.value.total, info.value.limit) == (7, 6)
+    # Over both limits: the total, which truncation cannot lift, is what the caller hears first.
+    with pytest.raises(TooManyTokensError):
+        fit(seqs, cut, max_length=4, truncate=False, max_tokens=6)
+    with pytest.raises(InputTooLongError):
+        fit(seqs, cut, max_length=4, truncate=False, max_tokens=None)

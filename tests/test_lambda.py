@@ -1,9 +1,14 @@
-"""Captured Lambda events through the Mangum handler (REST v1, HTTP API v2 and v1.0 payloads,
-Function URL, ALB single- and multi-value headers, base64 bodies), and the entry point itself.
+"""Captured Lambda events through the entry point itself, `handler.lambda_function.handler`
+(REST v1, HTTP API v2 and v1.0 payloads, Function URL, ALB single- and multi-value headers, base64
+bodies).
 
 Each event (tests/data/lambda_events/, sources in SOURCES.txt there) keeps everything as captured
 except its method, path and body, which become one of our routes. Events captured with
 `isBase64Encoded: true` get our JSON body base64-encoded, so the decoding path runs too.
+
+The handler object is the one Lambda calls, with its own adapters and options; only the ASGI app
+it wraps (Mangum's `app`) is swapped for one that create_app built on a fake engine, so that
+these tests need no model and still fail if the entry point loses its strict base64 adapters.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,8 @@ import pytest
 from fakes import FakeEngine, bge_m3_like, make_app, registry
 from mangum import Mangum
 
+import handler.lambda_function as entry
 import handler.logging as request_logging
-from handler.lambda_adapter import STRICT_HANDLERS
 
 EVENTS_DIR = Path(__file__).resolve().parent / "data" / "lambda_events"
 BAD_BASE64 = "rest_v1_isBase64Encoded_true_but_body_not_base64_powertools.json"
@@ -101,8 +107,15 @@ def fake() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def lambda_handler(fake: FakeEngine) -> Mangum:
-    return Mangum(make_app(fake), lifespan="off", custom_handlers=STRICT_HANDLERS)
+def lambda_handler(fake: FakeEngine) -> Iterator[Mangum]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield serving(patch, make_app(fake))
+
+
+def serving(patch: pytest.MonkeyPatch, app: Any) -> Mangum:
+    """The entry point's own handler, wrapping `app` for the test's duration."""
+    patch.setattr(entry.handler, "app", app)
+    return entry.handler
 
 
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -198,10 +211,10 @@ def test_plain_mangum_would_have_crashed_on_that_event() -> None:
 
 
 @pytest.mark.parametrize("event_name", GOOD_EVENTS)
-def test_api_key_through_every_event_source(event_name: str) -> None:
-    handler = Mangum(
-        make_app(api_key="lambda-key"), lifespan="off", custom_handlers=STRICT_HANDLERS
-    )
+def test_api_key_through_every_event_source(
+    monkeypatch: pytest.MonkeyPatch, event_name: str
+) -> None:
+    handler = serving(monkeypatch, make_app(api_key="lambda-key"))
     body = {"model": "bge-m3", "input": "x"}
     event = load_event(event_name)
     status, payload, _ = invoke(
@@ -215,10 +228,10 @@ def test_api_key_through_every_event_source(event_name: str) -> None:
     assert status == 200, payload
 
 
-def test_response_over_lambdas_limit_is_413_not_an_opaque_502() -> None:
-    handler = Mangum(
-        make_app(max_response_bytes=6000), lifespan="off", custom_handlers=STRICT_HANDLERS
-    )
+def test_response_over_lambdas_limit_is_413_not_an_opaque_502(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler = serving(monkeypatch, make_app(max_response_bytes=6000))
     texts = [f"word{i} other{i}" for i in range(40)]
     body = {
         "model": {"model_name": "bge-m3"},
@@ -339,7 +352,7 @@ def test_api_keys_are_read_while_the_model_loads(
     app = main.build_app(settings)
 
     assert "load saw the keys" in order and "load timed out" not in order
-    handler = Mangum(app, lifespan="off", custom_handlers=STRICT_HANDLERS)
+    handler = serving(monkeypatch, app)
     event = load_event("function_url_get_powertools.json")
     body = {"model": "bge-m3", "input": "x"}
     status, _, _ = invoke(handler, with_request(event, "POST", "/v1/embeddings", body), Context())

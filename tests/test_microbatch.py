@@ -408,3 +408,24 @@ def _assert_close_json(got: Any, want: Any, path: str = "") -> None:
         assert got == pytest.approx(want, abs=1e-5), path
     else:
         assert got == want, path
+
+
+def test_token_cap_and_dimensions_are_the_engines_through_the_batcher(
+    engine: Engine, batcher: MicroBatcher
+) -> None:
+    from handler.engine.errors import TooManyTokensError
+
+    want = engine.encode(TEXTS, dimensions=16, max_length=MAX_LENGTH)
+    got = batcher.encode(TEXTS, dimensions=16, max_length=MAX_LENGTH)
+    assert got.dense is not None and got.dense.shape == (len(TEXTS), 16)
+    assert_same(got, want, {"dense": True})
+    # The cap is counted on the request's own tokenization, in the caller's thread: no pass.
+    passes = batcher.passes
+    total = sum(want.token_counts)
+    with pytest.raises(TooManyTokensError) as info:
+        batcher.encode(TEXTS, max_length=MAX_LENGTH, max_tokens=total - 1)
+    assert (info.value.total, info.value.limit) == (total, total - 1)
+    assert batcher.encode(TEXTS, max_length=MAX_LENGTH, max_tokens=total).token_counts == (
+        want.token_counts
+    )
+    assert batcher.passes == passes + 1

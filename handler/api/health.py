@@ -1,5 +1,6 @@
 """Public routes: GET /health (no API key; 503 with the reason when the service cannot serve) and
-GET / (a short description of the service)."""
+GET / (a short description of the service and of the models it really serves). Both answer HEAD
+too, which uptime checkers send."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from handler.api.common import state_of
+from handler.api.routing import service_of
 from handler.auth import KeyChecker
+from handler.engine.types import ModelInfo
 
 router = APIRouter(tags=["health"])
 
@@ -36,6 +38,7 @@ class Health(BaseModel):
     error: str | None = None
 
 
+@router.head("/health", include_in_schema=False)
 @router.get(
     "/health",
     summary="Liveness and readiness (public)",
@@ -43,12 +46,12 @@ class Health(BaseModel):
     responses={200: {"model": Health}, 503: {"model": Health}},
 )
 def health(request: Request) -> JSONResponse:
-    state = state_of(request)
+    service = service_of(request)
     key_checker: KeyChecker = request.app.state.key_checker
-    registry = state.registry
+    registry = service.registry
     problems: list[str] = []
     if registry is None:
-        problems.append(f"model not loaded: {state.load_error or 'unknown reason'}")
+        problems.append(f"model not loaded: {service.load_error or 'unknown reason'}")
     if key_checker.unavailable_reason is not None:
         problems.append(key_checker.unavailable_reason)
     models: list[dict[str, Any]] = []
@@ -67,7 +70,7 @@ def health(request: Request) -> JSONResponse:
     body: dict[str, Any] = {
         "status": "unhealthy" if problems else "healthy",
         "model_loaded": registry is not None,
-        "device": models[0]["device"] if models else state.settings.device,
+        "device": models[0]["device"] if models else service.settings.device,
         "models": models,
         "auth": key_checker.enabled,
     }
@@ -76,17 +79,40 @@ def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if problems else 200)
 
 
+def outputs(info: ModelInfo) -> list[str]:
+    caps = info.capabilities
+    return [
+        name
+        for name, on in (("dense", caps.dense), ("sparse", caps.sparse), ("ColBERT", caps.colbert))
+        if on
+    ]
+
+
+def describe(infos: list[ModelInfo], load_error: str | None) -> str:
+    """What is served, from the models themselves: a dense-only model is not sold as BGE-M3."""
+    if infos:
+        served = "; ".join(f"{info.id} ({', '.join(outputs(info))})" for info in infos)
+        what = f"Embeddings from {served}"
+    else:
+        what = f"Embeddings (no model loaded: {load_error or 'unknown reason'})"
+    return (
+        f"{what} on onnxruntime, in three dialects: OpenAI, Volcengine embedding v2 and "
+        "native BGE-M3."
+    )
+
+
+@router.head("/", include_in_schema=False)
 @router.get("/", summary="What this service is (public)", response_model=None)
 def root(request: Request) -> JSONResponse:
-    state = state_of(request)
-    prefix = state.settings.route_prefix
-    registry = state.registry
+    service = service_of(request)
+    prefix = service.settings.route_prefix
+    infos = [e.info for e in service.registry or ()]
     return JSONResponse(
         {
             "service": SERVICE,
-            "description": "BAAI/bge-m3 embeddings (dense, sparse, ColBERT) on onnxruntime, in "
-            "three dialects: OpenAI, Volcengine embedding v2 and native BGE-M3.",
-            "models": [e.info.id for e in registry] if registry is not None else [],
+            "description": describe(infos, service.load_error),
+            "models": [info.id for info in infos],
+            "outputs": {info.id: outputs(info) for info in infos},
             "routes": {
                 "openai": [f"POST {prefix}/v1/embeddings", f"GET {prefix}/v1/models"],
                 "v2": [f"POST {prefix}/api/data/embedding/version/2"],

@@ -1,4 +1,4 @@
-"""Native BGE-M3 dialect (seed 003): POST /embeddings, POST /score, GET /models, GET /models/{id}.
+"""Native BGE-M3 dialect: POST /embeddings, POST /score, GET /models, GET /models/{id}.
 
 /embeddings returns `dense_vecs`, `sparse_vecs`, `colbert_vecs` as asked by `input_type` (defaults
 dense and sparse on, ColBERT off; sparse defaults to off for a dense-only model, and asking such a
@@ -19,24 +19,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.common import (
-    FastJSONResponse,
-    SparseFormat,
-    body_doc,
-    check_request_tokens,
-    check_texts,
-    find_model,
-    json_body,
-    max_length_for,
-    record_encoded,
-    record_of,
-    registry_of,
-    resolve_model,
-    sparse_out,
-    state_of,
-    usage,
-)
+from handler.api.body import json_body
+from handler.api.docs import body_doc
+from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.routing import compute, record_of, service_of
 from handler.engine.types import DEFAULT_SCORE_WEIGHTS, ModelInfo
+from handler.service import EmbedRequest
 
 router = APIRouter(tags=["native"])
 
@@ -170,41 +158,36 @@ def _as_list(value: str | list[str]) -> list[str]:
     responses={200: {"model": NativeEmbeddingResponse}},
     openapi_extra=body_doc(NativeEmbeddingRequest),
 )
+@compute
 def embeddings(
     request: Request,
     body: Annotated[
         NativeEmbeddingRequest, Depends(json_body(NativeEmbeddingRequest, EMBED_HINTS))
     ],
 ) -> FastJSONResponse:
-    state = state_of(request)
-    engine = resolve_model(state, body.model)
-    info = engine.info
-    texts = _as_list(body.input)
-    check_texts(
-        texts,
-        limit=state.settings.max_inputs_native,
-        param="input",
-        item="input" if isinstance(body.input, str) else "input[{index}]",
-    )
     wanted = body.input_type
-    sparse = info.capabilities.sparse if wanted.sparse is None else wanted.sparse
-    max_length = max_length_for(state, info, body.max_length)
-    check_request_tokens(state, engine, texts, max_length, param="input")
-    encoded = engine.encode(
-        texts,
-        dense=wanted.dense,
-        sparse=sparse,
-        colbert=wanted.colbert,
-        max_length=max_length,
-        truncate=body.truncate,
+    embedded = service_of(request).embed(
+        record_of(request),
+        EmbedRequest(
+            dialect="native",
+            model=body.model,
+            texts=_as_list(body.input),
+            dense=wanted.dense,
+            sparse=wanted.sparse,
+            colbert=wanted.colbert,
+            max_length=body.max_length,
+            truncate=body.truncate,
+            item="input" if isinstance(body.input, str) else "input[{index}]",
+        ),
     )
-    record_encoded(record_of(request), info, len(texts), encoded)
-
-    out: dict[str, Any] = {"model": info.id}
+    encoded = embedded.encoded
+    out: dict[str, Any] = {"model": embedded.info.id}
     if encoded.dense is not None:
         out["dense_vecs"] = encoded.dense
     if encoded.sparse is not None:
-        out["sparse_vecs"] = [sparse_out(engine, w, body.sparse_format) for w in encoded.sparse]
+        out["sparse_vecs"] = [
+            sparse_out(embedded.engine, w, body.sparse_format) for w in encoded.sparse
+        ]
     if encoded.colbert is not None:
         out["colbert_vecs"] = encoded.colbert
     out["usage"] = usage(encoded.total_tokens)
@@ -218,28 +201,21 @@ def embeddings(
     responses={200: {"model": ScoreResponse}},
     openapi_extra=body_doc(ScoreRequest),
 )
+@compute
 def score(
     request: Request,
     body: Annotated[ScoreRequest, Depends(json_body(ScoreRequest, SCORE_HINTS))],
 ) -> FastJSONResponse:
-    state = state_of(request)
-    engine = resolve_model(state, body.model)
-    info = engine.info
-    first, second = _as_list(body.sentences_1), _as_list(body.sentences_2)
-    limit = state.settings.max_inputs_native
-    check_texts(first, limit=limit, param="sentences_1", item="sentences_1[{index}]")
-    check_texts(second, limit=limit, param="sentences_2", item="sentences_2[{index}]")
-    max_length = max_length_for(state, info, body.max_length)
-    check_request_tokens(state, engine, [*first, *second], max_length, param="sentences_1")
-    scores = engine.score(first, second, weights=body.weights, max_length=max_length)
-    record = record_of(request)
-    record.model = info.id
-    record.inputs = len(first) + len(second)
-    record.tokens = sum(scores.token_counts)
-    record.add_timings(scores.timings_ms)
-    record.batched_with = scores.batched_with
-
-    out: dict[str, Any] = {"model": info.id, "dense": [float(s) for s in scores.dense]}
+    scored = service_of(request).score(
+        record_of(request),
+        model=body.model,
+        sentences_1=_as_list(body.sentences_1),
+        sentences_2=_as_list(body.sentences_2),
+        weights=body.weights,
+        max_length=body.max_length,
+    )
+    scores = scored.scores
+    out: dict[str, Any] = {"model": scored.info.id, "dense": [float(s) for s in scores.dense]}
     for key, values in (
         ("sparse", scores.sparse),
         ("colbert", scores.colbert),
@@ -259,7 +235,7 @@ def score(
     responses={200: {"model": NativeModelList}},
 )
 def list_models(request: Request) -> FastJSONResponse:
-    registry = registry_of(state_of(request))
+    registry = service_of(request).models()
     return FastJSONResponse({"object": "list", "data": [model_card(e.info) for e in registry]})
 
 
@@ -270,4 +246,4 @@ def list_models(request: Request) -> FastJSONResponse:
     responses={200: {"model": NativeModel}},
 )
 def get_model(request: Request, model_id: str) -> FastJSONResponse:
-    return FastJSONResponse(model_card(find_model(state_of(request), model_id).info))
+    return FastJSONResponse(model_card(service_of(request).find(model_id).info))

@@ -2,7 +2,7 @@
 
 Request and response follow OpenAI's `CreateEmbeddingRequest` / `CreateEmbeddingResponse`. Three
 opt-in extensions, absent from the response unless asked: `return_sparse` (adds `sparse` to each
-item, as the self-hosted BGE-M3 service seed does), `sparse_format`, and `truncate: false` (an
+item, as self-hosted BGE-M3 services do), `sparse_format`, and `truncate: false` (an
 over-long input is a 400 instead of being cut).
 
 Token-id input (`list[int]`, `list[list[int]]`) is refused unless ALLOW_TOKEN_IDS=true: LangChain's
@@ -20,38 +20,14 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.requests import Request
 
-from handler.api.common import (
-    FastJSONResponse,
-    ServiceState,
-    SparseFormat,
-    body_doc,
-    check_count,
-    check_request_tokens,
-    check_texts,
-    find_model,
-    json_body,
-    max_length_for,
-    raise_too_many_tokens,
-    record_encoded,
-    record_of,
-    registry_of,
-    resolve_model,
-    sparse_out,
-    state_of,
-    usage,
-)
-from handler.engine.heads import truncate_dims
-from handler.engine.types import EmbeddingEngine, Encoded, ModelInfo
-from handler.errors import invalid
+from handler.api.body import json_body
+from handler.api.docs import body_doc
+from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.routing import compute, record_of, service_of
+from handler.engine.types import ModelInfo
+from handler.service import EmbedRequest
 
 router = APIRouter(tags=["OpenAI"])
-
-TOKEN_IDS_REFUSED = (
-    "This service does not accept token-id input: 'input' must be a string or an array of "
-    "strings. Arrays of integers are usually tiktoken ids sent by LangChain's OpenAIEmbeddings, "
-    "which mean nothing to this model's tokenizer. Fix: OpenAIEmbeddings(..., "
-    "check_embedding_ctx_length=False) sends the text itself."
-)
 
 
 class OpenAIEmbeddingRequest(BaseModel):
@@ -68,7 +44,8 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = Field(
         default="float", description="`base64`: little-endian float32 bytes, base64-encoded."
     )
-    dimensions: int | None = Field(
+    # Strict, as OpenAI's schema says integer: "64" is refused, not read as 64.
+    dimensions: StrictInt | None = Field(
         default=None, ge=1, description="Keep the first N dimensions, then renormalise."
     )
     user: str | None = None
@@ -137,7 +114,7 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
 
 def _split_input(
     value: str | list[str] | list[int] | list[list[int]],
-) -> tuple[list[str] | None, list[list[int]] | None]:
+) -> tuple[list[str], list[list[int]] | None]:
     if isinstance(value, str):
         return [value], None
     if not value:
@@ -145,37 +122,8 @@ def _split_input(
     if all(isinstance(v, str) for v in value):
         return [str(v) for v in value], None
     if all(isinstance(v, int) for v in value):
-        return None, [[int(v) for v in value]]  # type: ignore[arg-type]
-    return None, [list(v) for v in value]  # type: ignore[arg-type]
-
-
-def _encode_ids(
-    state: ServiceState, engine: EmbeddingEngine, ids: list[list[int]], body: OpenAIEmbeddingRequest
-) -> tuple[Encoded, int]:
-    settings = state.settings
-    if not settings.allow_token_ids:
-        raise invalid(TOKEN_IDS_REFUSED, param="input", code="token_ids_not_accepted")
-    info = engine.info
-    check_count(len(ids), limit=settings.max_inputs_openai, param="input")
-    for index, seq in enumerate(ids):
-        if not seq:
-            raise invalid(f"input[{index}] is an empty list of token ids.", param="input")
-        bad = next((t for t in seq if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise invalid(
-                f"input[{index}] has token id {bad}, outside this model's vocabulary "
-                f"[0, {info.vocab_size}). Token ids must come from this model's tokenizer.",
-                param="input",
-                code="token_id_out_of_range",
-            )
-    max_length = max_length_for(state, info, None)
-    total = sum(min(len(s), max_length) for s in ids)
-    if total > settings.max_tokens_per_request:
-        raise_too_many_tokens(total, settings.max_tokens_per_request, "input")
-    encoded = engine.encode_ids(
-        ids, dense=True, sparse=body.return_sparse, max_length=max_length, truncate=body.truncate
-    )
-    return encoded, len(ids)
+        return [], [[int(v) for v in value]]  # type: ignore[arg-type]
+    return [], [list(v) for v in value]  # type: ignore[arg-type]
 
 
 @router.post(
@@ -185,50 +133,31 @@ def _encode_ids(
     responses={200: {"model": OpenAIEmbeddingResponse}},
     openapi_extra=body_doc(OpenAIEmbeddingRequest),
 )
+@compute
 def create_embeddings(
     request: Request,
     body: Annotated[OpenAIEmbeddingRequest, Depends(json_body(OpenAIEmbeddingRequest, HINTS))],
 ) -> FastJSONResponse:
-    state = state_of(request)
-    engine = resolve_model(state, body.model)
-    info = engine.info
-    if body.dimensions is not None and body.dimensions > info.dims:
-        raise invalid(
-            f"'dimensions' is {body.dimensions}, but model '{info.id}' has {info.dims}.",
-            param="dimensions",
-            code="invalid_dimensions",
-        )
     texts, ids = _split_input(body.input)
-    if ids is not None:
-        encoded, n = _encode_ids(state, engine, ids, body)
-    else:
-        assert texts is not None
-        check_texts(
-            texts,
-            limit=state.settings.max_inputs_openai,
-            param="input",
-            item="input[{index}]" if not isinstance(body.input, str) else "input",
-        )
-        max_length = max_length_for(state, info, None)
-        check_request_tokens(state, engine, texts, max_length, param="input")
-        encoded = engine.encode(
-            texts,
-            dense=True,
+    embedded = service_of(request).embed(
+        record_of(request),
+        EmbedRequest(
+            dialect="openai",
+            model=body.model,
+            texts=texts,
+            token_ids=ids,
             sparse=body.return_sparse,
-            max_length=max_length,
             truncate=body.truncate,
-        )
-        n = len(texts)
-    record_encoded(record_of(request), info, n, encoded)
-
+            dimensions=body.dimensions,
+            item="input" if isinstance(body.input, str) else "input[{index}]",
+        ),
+    )
+    encoded = embedded.encoded
     dense = encoded.dense
     assert dense is not None
-    if body.dimensions is not None and body.dimensions < dense.shape[1]:
-        dense = truncate_dims(dense, body.dimensions)
     as_base64 = body.encoding_format == "base64"
     items: list[dict[str, Any]] = []
-    for i in range(n):
-        vector = dense[i]
+    for i, vector in enumerate(dense):
         item: dict[str, Any] = {
             "object": "embedding",
             "index": i,
@@ -239,11 +168,15 @@ def create_embeddings(
             ),
         }
         if encoded.sparse is not None:
-            item["sparse"] = sparse_out(engine, encoded.sparse[i], body.sparse_format)
+            item["sparse"] = sparse_out(embedded.engine, encoded.sparse[i], body.sparse_format)
         items.append(item)
-    tokens = encoded.total_tokens
     return FastJSONResponse(
-        {"object": "list", "data": items, "model": info.id, "usage": usage(tokens)}
+        {
+            "object": "list",
+            "data": items,
+            "model": embedded.info.id,
+            "usage": usage(encoded.total_tokens),
+        }
     )
 
 
@@ -254,7 +187,7 @@ def create_embeddings(
     responses={200: {"model": OpenAIModelList}},
 )
 def list_models(request: Request) -> FastJSONResponse:
-    registry = registry_of(state_of(request))
+    registry = service_of(request).models()
     return FastJSONResponse(
         {"object": "list", "data": [model_card(engine.info) for engine in registry]}
     )
@@ -267,5 +200,4 @@ def list_models(request: Request) -> FastJSONResponse:
     responses={200: {"model": OpenAIModel}},
 )
 def get_model(request: Request, model_id: str) -> FastJSONResponse:
-    engine = find_model(state_of(request), model_id)
-    return FastJSONResponse(model_card(engine.info))
+    return FastJSONResponse(model_card(service_of(request).find(model_id).info))

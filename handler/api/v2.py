@@ -1,12 +1,13 @@
-"""v2 dialect: POST /api/data/embedding/version/2, as Volcengine's embedding v2 (seed 002).
+"""v2 dialect: POST /api/data/embedding/version/2, as Volcengine's embedding v2.
 
 Request: `{"model": {"model_name", "params": {return_dense, return_sparse, return_token_usage}},
 "data": [{"data_type": "text", "text"}]}` with at most MAX_INPUTS_V2 (100) items.
 Response: `{"code": 0, "message": "success", "request_id", "data": {"sentence_dense_embedding",
 "sentence_sparse_embedding", "token_usage"}}`; each key only when asked for. Sparse maps are keyed
-by token string, as in the seed. `request_id` is this request's id, also sent as `X-Request-Id`.
+by token string, as Volcengine documents them. `request_id` is this request's id, also sent as
+`X-Request-Id`.
 
-Defaults as in the seed and the Volcengine SDKs: dense on; sparse on for a model that has sparse
+Defaults as in Volcengine's documentation and SDKs: dense on; sparse on for a model that has sparse
 weights and off otherwise (asking a dense-only model for sparse is a 400); token usage off.
 Images (`data_type` image / text-image) are a 400: this service embeds text only.
 Auth is a Bearer key like the other dialects; Volcengine's HMAC request signing is not supported.
@@ -20,21 +21,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.common import (
-    FastJSONResponse,
-    body_doc,
-    check_count,
-    check_request_tokens,
-    check_texts,
-    json_body,
-    max_length_for,
-    record_encoded,
-    record_of,
-    resolve_model,
-    sparse_out,
-    state_of,
-)
+from handler.api.body import json_body
+from handler.api.docs import body_doc
+from handler.api.render import FastJSONResponse, sparse_out
+from handler.api.routing import compute, record_of, service_of
 from handler.errors import invalid
+from handler.service import EmbedRequest
 
 router = APIRouter(tags=["v2"])
 
@@ -121,7 +113,7 @@ def _texts(items: list[V2Item]) -> list[str]:
     return texts
 
 
-@router.get(PATH, include_in_schema=False)  # the seed lists POST/GET; the SDKs send POST
+@router.get(PATH, include_in_schema=False)  # Volcengine lists POST and GET; its SDKs send POST
 @router.post(
     PATH,
     summary="Embed texts (Volcengine embedding v2 wire format)",
@@ -129,36 +121,35 @@ def _texts(items: list[V2Item]) -> list[str]:
     responses={200: {"model": V2EmbeddingResponse}},
     openapi_extra=body_doc(V2EmbeddingRequest),
 )
+@compute
 def embedding_v2(
     request: Request,
     body: Annotated[V2EmbeddingRequest, Depends(json_body(V2EmbeddingRequest))],
 ) -> FastJSONResponse:
-    state = state_of(request)
     record = record_of(request)
-    engine = resolve_model(state, body.model.model_name, param="model.model_name")
-    info = engine.info
     params = body.model.params or V2Params()
-    check_count(len(body.data), limit=state.settings.max_inputs_v2, param="data")
-    texts = _texts(body.data)
-    check_texts(texts, limit=state.settings.max_inputs_v2, param="data", item="data[{index}].text")
-    sparse = info.capabilities.sparse if params.return_sparse is None else params.return_sparse
-    max_length = max_length_for(state, info, None)
-    check_request_tokens(state, engine, texts, max_length, param="data")
-    encoded = engine.encode(
-        texts,
-        dense=params.return_dense,
-        sparse=sparse,
-        max_length=max_length,
-        truncate=params.truncate,
+    embedded = service_of(request).embed(
+        record,
+        EmbedRequest(
+            dialect="v2",
+            model=body.model.model_name,
+            texts=_texts(body.data),
+            dense=params.return_dense,
+            sparse=params.return_sparse,
+            truncate=params.truncate,
+            model_param="model.model_name",
+            param="data",
+            item="data[{index}].text",
+            outputs_named="return_dense or return_sparse",
+        ),
     )
-    record_encoded(record, info, len(texts), encoded)
-
+    encoded = embedded.encoded
     result: dict[str, Any] = {}
     if encoded.dense is not None:
         result["sentence_dense_embedding"] = encoded.dense
     if encoded.sparse is not None:
         result["sentence_sparse_embedding"] = [
-            sparse_out(engine, weights, "token") for weights in encoded.sparse
+            sparse_out(embedded.engine, weights, "token") for weights in encoded.sparse
         ]
     if params.return_token_usage:
         tokens = encoded.total_tokens

@@ -30,13 +30,11 @@ from handler.engine.session import (
 )
 from handler.engine.tokenizer import TextTokenizer
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     Capabilities,
     Encoded,
     FloatArray,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +44,10 @@ HEADS = ("dense", "sparse", "colbert")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    threads: int | None = None  # None: default_threads() (cores, or Lambda's vCPUs)
+    threads: int | None = None  # None: default_threads(cpu_limit)
+    # vCPUs the platform really grants where it shows the process more cores (Lambda: what
+    # its memory size buys); threads stay within it by default.
+    cpu_limit: int | None = None
     # Padded tokens per forward pass (rows x longest row). Bounds activation memory.
     batch_token_budget: int = 16384
     # Rows x longest^2 per padded forward pass: bounds the masked attention's scores
@@ -65,7 +66,7 @@ class _Tokens:
 
 
 @dataclass
-class Engine:
+class Engine(scoring.PairScoring):
     manifest: Manifest
     tokenizer: TextTokenizer
     session: Any  # onnxruntime.InferenceSession (untyped)
@@ -88,7 +89,7 @@ class Engine:
         # The session is built in a second thread while this one loads the tokenizer: the
         # tokenizer libraries hold the GIL for their whole load, onnxruntime releases it for most
         # of its own, so the two overlap on a 2-vCPU function instead of adding up.
-        threads = config.threads or default_threads()
+        threads = config.threads or default_threads(config.cpu_limit)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="session") as pool:
             pending = pool.submit(_timed_session, model_dir / manifest.onnx_file, config, threads)
             t = time.perf_counter()
@@ -163,10 +164,6 @@ class Engine:
 
     # ---- encoding ------------------------------------------------------------------------------
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        ids = self.tokenizer.encode(texts, max_length=self.manifest.max_length, truncate=True)
-        return [len(s) for s in ids]
-
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.tokenizer.token_strings(weights)
 
@@ -179,10 +176,14 @@ class Engine:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.check_dimensions(dimensions)
         t = time.perf_counter()
-        ids = self.tokenize(texts, max_length=max_length, truncate=truncate)
-        return self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        ids = self.tokenize(texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens)
+        encoded = self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        return heads.shortened(encoded, dimensions)
 
     def encode_ids(
         self,
@@ -193,26 +194,51 @@ class Engine:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.check_dimensions(dimensions)
         t = time.perf_counter()
-        checked = self.check_ids(ids, max_length=max_length, truncate=truncate)
-        return self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        checked = self.check_ids(
+            ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
+        )
+        encoded = self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        return heads.shortened(encoded, dimensions)
 
     # The steps of encode() one by one, for a caller that runs them in different threads
     # (handler/engine/microbatch.py: validate in the request's thread, run in a shared pass).
 
     def tokenize(
-        self, texts: Sequence[str], *, max_length: int | None = None, truncate: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        truncate: bool = True,
+        max_tokens: int | None = None,
     ) -> list[list[int]]:
-        """Token ids as encode() runs them; bad max_length and over-long inputs raise here."""
-        return self.tokenizer.encode(texts, max_length=self._limit(max_length), truncate=truncate)
+        """Token ids as encode() runs them; bad max_length, over-long inputs and a total over
+        `max_tokens` raise here."""
+        return self.tokenizer.encode(
+            texts, max_length=self._limit(max_length), truncate=truncate, max_tokens=max_tokens
+        )
 
     def check_ids(
-        self, ids: Sequence[Sequence[int]], *, max_length: int | None = None, truncate: bool = True
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        truncate: bool = True,
+        max_tokens: int | None = None,
     ) -> list[list[int]]:
         """Token-id input checked and cut as encode_ids() runs it."""
         limit = self._limit(max_length)
-        return self.tokenizer.check_ids(ids, max_length=limit, truncate=truncate)
+        return self.tokenizer.check_ids(
+            ids, max_length=limit, truncate=truncate, max_tokens=max_tokens
+        )
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """InputError unless `dimensions` fits this model's dense width."""
+        heads.check_dimensions(dimensions, self.manifest.dims, self.manifest.model_id)
 
     def check_heads(self, dense: bool, sparse: bool, colbert: bool) -> None:
         """InputError / CapabilityError unless this model gives every head asked for."""
@@ -300,20 +326,6 @@ class Engine:
             colbert=colbert_out,
             token_counts=lengths,
             timings_ms={"tokenize": tokenize_ms, "infer": infer_ms, "post": post_ms},
-        )
-
-    # ---- scoring -------------------------------------------------------------------------------
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-    ) -> Scores:
-        return scoring.score_pairs(
-            self, sentences_1, sentences_2, weights=weights, max_length=max_length
         )
 
 

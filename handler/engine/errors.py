@@ -34,6 +34,19 @@ class InputTooLongError(InputError):
         self.limit = limit
 
 
+class TooManyTokensError(InputError):
+    """The inputs of one call hold more tokens, after truncation, than the caller allows."""
+
+    def __init__(self, *, total: int, limit: int, param: str | None = "input"):
+        super().__init__(
+            f"the inputs have {total} tokens after truncation, more than the limit of {limit}",
+            param=param,
+            code="max_tokens_per_request",
+        )
+        self.total = total
+        self.limit = limit
+
+
 class CapabilityError(InputError):
     """An output the model cannot produce was asked for (sparse from a dense-only model)."""
 

@@ -8,10 +8,14 @@ FlagEmbedding's `BGEM3FlagModel` does it (the reference).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 
 import numpy as np
 from numpy.typing import NDArray
+
+from handler.engine.errors import InputError
+from handler.engine.types import Encoded
 
 FloatArray = NDArray[np.float32]
 
@@ -50,3 +54,26 @@ def l2_normalize(x: FloatArray, eps: float = 1e-12) -> FloatArray:
 def truncate_dims(dense: FloatArray, dims: int) -> FloatArray:
     """Matryoshka-style shortening (OpenAI's `dimensions`): keep the first `dims`, renormalise."""
     return l2_normalize(np.ascontiguousarray(dense[..., :dims]))
+
+
+def check_dimensions(dimensions: int | None, dims: int, model_id: str) -> None:
+    """A `dimensions` request must lie within the model's own width."""
+    if dimensions is None:
+        return
+    if dimensions < 1:
+        raise InputError("'dimensions' must be positive.", param="dimensions")
+    if dimensions > dims:
+        raise InputError(
+            f"'dimensions' is {dimensions}, but model '{model_id}' has {dims}.",
+            param="dimensions",
+            code="invalid_dimensions",
+        )
+
+
+def shortened(encoded: Encoded, dimensions: int | None) -> Encoded:
+    """`encoded` with its dense vectors cut to `dimensions` and renormalised; the model's own
+    width (or no dense head) leaves it as it is, bit for bit."""
+    dense = encoded.dense
+    if dimensions is None or dense is None or dimensions >= dense.shape[1]:
+        return encoded
+    return dataclasses.replace(encoded, dense=truncate_dims(dense, dimensions))

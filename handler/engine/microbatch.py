@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from handler.engine import scoring
 from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
+from handler.engine.heads import shortened
 from handler.engine.types import (
-    DEFAULT_SCORE_WEIGHTS,
     EmbeddingEngine,
     Encoded,
     ModelInfo,
     ModelRegistry,
-    Scores,
 )
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,9 @@ class _Job:
         self.tokens = sum(len(s) for s in self.ids)
 
 
-class MicroBatcher:
-    """An `Engine` whose encode calls from many threads are merged into shared passes."""
+class MicroBatcher(scoring.PairScoring):
+    """An `Engine` whose encode calls from many threads are merged into shared passes (score
+    requests too: PairScoring scores through this class's encode)."""
 
     def __init__(
         self,
@@ -95,9 +95,6 @@ class MicroBatcher:
     def info(self) -> ModelInfo:
         return self.engine.info
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.engine.count_tokens(texts)
-
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.engine.token_strings(weights)
 
@@ -110,10 +107,16 @@ class MicroBatcher:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.engine.check_dimensions(dimensions)
         start = time.perf_counter()
-        ids = self.engine.tokenize(texts, max_length=max_length, truncate=truncate)
-        return self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        ids = self.engine.tokenize(
+            texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens
+        )
+        encoded = self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        return shortened(encoded, dimensions)
 
     def encode_ids(
         self,
@@ -124,23 +127,16 @@ class MicroBatcher:
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded:
+        self.engine.check_dimensions(dimensions)
         start = time.perf_counter()
-        checked = self.engine.check_ids(ids, max_length=max_length, truncate=truncate)
-        return self._submit(checked, (dense, sparse, colbert), _ms_since(start))
-
-    def score(
-        self,
-        sentences_1: Sequence[str],
-        sentences_2: Sequence[str],
-        *,
-        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
-        max_length: int | None = None,
-    ) -> Scores:
-        # Through self.encode, so score requests share passes with embedding requests.
-        return scoring.score_pairs(
-            self, sentences_1, sentences_2, weights=weights, max_length=max_length
+        checked = self.engine.check_ids(
+            ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
+        encoded = self._submit(checked, (dense, sparse, colbert), _ms_since(start))
+        return shortened(encoded, dimensions)
 
     @property
     def queued(self) -> int:

@@ -12,15 +12,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from handler.engine.errors import InputError
-from handler.engine.types import EmbeddingEngine, Scores
+from handler.engine.errors import InputError, TooManyTokensError
+from handler.engine.types import DEFAULT_SCORE_WEIGHTS, EmbeddingEngine, Scores
 
 FloatArray = NDArray[np.float32]
 
 
 def dense_score(q: FloatArray, p: FloatArray) -> float:
-    """Cosine of two L2-normalised vectors: their dot product."""
-    return float(np.dot(q, p))
+    """Cosine of two dense vectors, in [-1, 1]. The graph normalises them, but in fp16 a unit
+    vector's norm is only 1 within about 1e-3, so their dot product alone can read 1.0004: the
+    cosine is taken in float64 over the actual norms, and clipped against the last rounding."""
+    q64, p64 = q.astype(np.float64), p.astype(np.float64)
+    norms = float(np.linalg.norm(q64) * np.linalg.norm(p64))
+    if norms == 0.0:
+        return 0.0
+    return float(np.clip(np.dot(q64, p64) / norms, -1.0, 1.0))
 
 
 def lexical_score(q: Mapping[int, float], p: Mapping[int, float]) -> float:
@@ -31,10 +37,11 @@ def lexical_score(q: Mapping[int, float], p: Mapping[int, float]) -> float:
 
 
 def colbert_score(q: FloatArray, p: FloatArray) -> float:
-    """Mean over query rows of the best dot product with any passage row (late interaction)."""
+    """Mean over query rows of the best dot product with any passage row (late interaction): a
+    mean of cosines, so clipped to [-1, 1] like dense_score (fp16 rows are unit only roughly)."""
     if q.shape[0] == 0 or p.shape[0] == 0:
         return 0.0
-    return float((q @ p.T).max(axis=1).sum() / q.shape[0])
+    return float(np.clip((q @ p.T).max(axis=1).sum() / q.shape[0], -1.0, 1.0))
 
 
 def weighted_mean(scores: Sequence[float], weights: Sequence[float]) -> float:
@@ -61,8 +68,10 @@ def score_pairs(
     *,
     weights: Sequence[float],
     max_length: int | None,
+    max_tokens: int | None = None,
 ) -> Scores:
-    """sentences_1[i] against sentences_2[i], all of them encoded in one call."""
+    """sentences_1[i] against sentences_2[i], all of them encoded in one call (`max_tokens`
+    counts both sides together)."""
     if len(sentences_1) != len(sentences_2):
         raise InputError(
             f"sentences_1 and sentences_2 must pair up ({len(sentences_1)} != {len(sentences_2)})",
@@ -75,13 +84,17 @@ def score_pairs(
             param="weights",
         )
     caps = engine.info.capabilities
-    both = engine.encode(
-        [*sentences_1, *sentences_2],
-        dense=True,
-        sparse=caps.sparse,
-        colbert=caps.colbert,
-        max_length=max_length,
-    )
+    try:
+        both = engine.encode(
+            [*sentences_1, *sentences_2],
+            dense=True,
+            sparse=caps.sparse,
+            colbert=caps.colbert,
+            max_length=max_length,
+            max_tokens=max_tokens,
+        )
+    except TooManyTokensError as exc:  # the texts came from sentences_1/2, not from an "input"
+        raise TooManyTokensError(total=exc.total, limit=exc.limit, param="sentences_1") from None
     n = len(sentences_1)
     assert both.dense is not None
     dense = [dense_score(both.dense[i], both.dense[n + i]) for i in range(n)]
@@ -104,3 +117,26 @@ def score_pairs(
         timings_ms=both.timings_ms,
         batched_with=both.batched_with,
     )
+
+
+class PairScoring:
+    """`score` for an engine class, written once over the engine's own `encode`: mixed into the
+    Engine, the MicroBatcher (whose encode shares passes) and test fakes alike."""
+
+    def score(
+        self: EmbeddingEngine,
+        sentences_1: Sequence[str],
+        sentences_2: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        max_length: int | None = None,
+        max_tokens: int | None = None,
+    ) -> Scores:
+        return score_pairs(
+            self,
+            sentences_1,
+            sentences_2,
+            weights=weights,
+            max_length=max_length,
+            max_tokens=max_tokens,
+        )

@@ -14,10 +14,6 @@ log = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
 
-# AWS: "at 1,769 MB, a function has the equivalent of one vCPU"; at most 6 vCPUs (10,240 MB).
-LAMBDA_MB_PER_VCPU = 1769
-LAMBDA_MAX_VCPUS = 6
-
 
 def available_cores() -> int:
     try:
@@ -26,16 +22,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(environ: dict[str, str] | None = None) -> int:
-    """onnxruntime ignores OMP_NUM_THREADS, so we pick: the cores this process may use, and on
-    Lambda no more than the vCPUs its memory size buys (more threads than vCPUs only contend)."""
-    env = os.environ if environ is None else environ
+def default_threads(cpu_limit: int | None = None) -> int:
+    """onnxruntime ignores OMP_NUM_THREADS, so we pick: the cores this process may use, and no
+    more than `cpu_limit`, the vCPUs the platform really grants (a Lambda function sees every
+    core of its host but runs on what its memory size buys; more threads than that contend)."""
     cores = available_cores()
-    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
-    if memory and memory.isdigit():
-        vcpus = min(LAMBDA_MAX_VCPUS, max(1, round(int(memory) / LAMBDA_MB_PER_VCPU)))
-        return max(1, min(cores, vcpus))
-    return max(1, cores)
+    return max(1, min(cores, cpu_limit or cores))
 
 
 def x86_without_vnni(cpuinfo: str | None = None) -> bool:

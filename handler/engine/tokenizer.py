@@ -26,7 +26,12 @@ from typing import Protocol
 
 from tokenizers import Tokenizer
 
-from handler.engine.errors import InputError, InputTooLongError, ModelLoadError
+from handler.engine.errors import (
+    InputError,
+    InputTooLongError,
+    ModelLoadError,
+    TooManyTokensError,
+)
 from handler.engine.manifest import Manifest
 
 
@@ -155,26 +160,23 @@ class TextTokenizer:
     def load(cls, model_dir: Path, manifest: Manifest) -> TextTokenizer:
         return cls(load_backend(model_dir, manifest), vocab_size=manifest.vocab_size)
 
-    def encode(self, texts: Sequence[str], *, max_length: int, truncate: bool) -> list[list[int]]:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        truncate: bool,
+        max_tokens: int | None = None,
+    ) -> list[list[int]]:
         """Token ids per text, special tokens included, cut to `max_length` (or an error)."""
         if max_length <= self.num_special:
             raise InputError(
                 f"max_length must be greater than {self.num_special}", param="max_length"
             )
-        out: list[list[int]] = []
-        for index, ids in enumerate(self.backend.encode_batch(list(texts))):
-            if len(ids) > max_length:
-                if not truncate:
-                    raise InputTooLongError(
-                        f"input {index} has {len(ids)} tokens, more than the limit of "
-                        f"{max_length}; shorten it or allow truncation",
-                        index=index,
-                        tokens=len(ids),
-                        limit=max_length,
-                    )
-                ids = self._cut(ids, max_length)
-            out.append(ids)
-        return out
+        encoded = self.backend.encode_batch(list(texts))
+        return fit(
+            encoded, self._cut, max_length=max_length, truncate=truncate, max_tokens=max_tokens
+        )
 
     def _cut(self, ids: list[int], max_length: int) -> list[int]:
         # Keep the leading specials, the first tokens of the text and the trailing specials, as
@@ -184,36 +186,26 @@ class TextTokenizer:
         return ids[: self._head + keep] + tail
 
     def check_ids(
-        self, sequences: Sequence[Sequence[int]], *, max_length: int, truncate: bool
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        max_length: int,
+        truncate: bool,
+        max_tokens: int | None = None,
     ) -> list[list[int]]:
-        """Token-id input: ids of this vocabulary, range-checked, used as given."""
-        out: list[list[int]] = []
-        for index, seq in enumerate(sequences):
-            ids = [int(t) for t in seq]
-            if not ids:
-                raise InputError(f"input {index} is an empty list of token ids", param="input")
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InputError(
-                    f"input {index} has token id {bad}, outside this model's vocabulary "
-                    f"[0, {self.vocab_size})",
-                    param="input",
-                )
-            if len(ids) > max_length:
-                if not truncate:
-                    raise InputTooLongError(
-                        f"input {index} has {len(ids)} tokens, more than the limit of {max_length}",
-                        index=index,
-                        tokens=len(ids),
-                        limit=max_length,
-                    )
-                ids = ids[:max_length]
-            out.append(ids)
-        return out
+        """Token-id input: ids of this vocabulary, range-checked, used as given (cut at the end)."""
+        checked = [checked_ids(index, seq, self.vocab_size) for index, seq in enumerate(sequences)]
+        return fit(
+            checked,
+            lambda ids, limit: ids[:limit],
+            max_length=max_length,
+            truncate=truncate,
+            max_tokens=max_tokens,
+        )
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
-        """Sparse weights keyed by the decoded token text (the seeds' format). Two ids that decode
-        to the same text (`▁What` and `What`) keep the larger weight."""
+        """Sparse weights keyed by the decoded token text (the v2 and native APIs' format). Two ids
+        that decode to the same text (`▁What` and `What`) keep the larger weight."""
         out: dict[str, float] = {}
         for token_id, w in weights.items():
             decoded = self.backend.token_text(token_id)
@@ -223,3 +215,61 @@ class TextTokenizer:
             if w > out.get(text, float("-inf")):
                 out[text] = w
         return out
+
+
+def checked_ids(index: int, sequence: Sequence[int], vocab_size: int) -> list[int]:
+    """One token-id input as ints, refused when empty or when an id is outside the vocabulary
+    (ids of another tokenizer, such as tiktoken's, look valid but give meaningless vectors)."""
+    ids = [int(t) for t in sequence]
+    if not ids:
+        raise InputError(
+            f"input[{index}] is an empty list of token ids.", param="input", code="empty_input"
+        )
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InputError(
+            f"input[{index}] has token id {bad}, outside this model's vocabulary "
+            f"[0, {vocab_size}). Token ids must come from this model's tokenizer.",
+            param="input",
+            code="token_id_out_of_range",
+        )
+    return ids
+
+
+def fit(
+    sequences: Sequence[list[int]],
+    cut: Callable[[list[int], int], list[int]],
+    *,
+    max_length: int,
+    truncate: bool,
+    max_tokens: int | None,
+) -> list[list[int]]:
+    """Every sequence cut to `max_length`; then the total of the cut lengths held to
+    `max_tokens`; then, without `truncate`, the first over-long input refused. The total comes
+    first because `truncate` cannot lift it: a caller told only "too long" would retry with
+    truncation and then hear about the total."""
+    out: list[list[int]] = []
+    too_long: tuple[int, int] | None = None
+    for index, ids in enumerate(sequences):
+        if len(ids) > max_length:
+            too_long = too_long or (index, len(ids))
+            ids = cut(ids, max_length)
+        out.append(ids)
+    check_total_tokens([len(ids) for ids in out], max_tokens)
+    if too_long is not None and not truncate:
+        index, tokens = too_long
+        raise InputTooLongError(
+            f"input {index} has {tokens} tokens, more than the limit of {max_length}; "
+            "shorten it or allow truncation",
+            index=index,
+            tokens=tokens,
+            limit=max_length,
+        )
+    return out
+
+
+def check_total_tokens(lengths: Sequence[int], max_tokens: int | None) -> None:
+    """TooManyTokensError when the inputs of one call hold more than `max_tokens` tokens."""
+    total = sum(lengths)
+    if max_tokens is not None and total > max_tokens:
+        raise TooManyTokensError(total=total, limit=max_tokens)

@@ -79,7 +79,10 @@ class Scores:
 
 class EmbeddingEngine(Protocol):
     """What every dialect needs from a model. `max_length=None` means the model's own limit;
-    `truncate=False` turns an over-long input into InputTooLongError instead of cutting it."""
+    `truncate=False` turns an over-long input into InputTooLongError instead of cutting it;
+    `max_tokens` caps the tokens of the whole call, counted after truncation from the engine's
+    own tokenization (TooManyTokensError, before anything runs); `dimensions` keeps the first N
+    dense dimensions and renormalises them."""
 
     @property
     def info(self) -> ModelInfo: ...
@@ -93,6 +96,8 @@ class EmbeddingEngine(Protocol):
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded: ...
 
     def encode_ids(
@@ -104,9 +109,9 @@ class EmbeddingEngine(Protocol):
         colbert: bool = False,
         max_length: int | None = None,
         truncate: bool = True,
+        max_tokens: int | None = None,
+        dimensions: int | None = None,
     ) -> Encoded: ...
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]: ...
 
@@ -117,6 +122,7 @@ class EmbeddingEngine(Protocol):
         *,
         weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
         max_length: int | None = None,
+        max_tokens: int | None = None,
     ) -> Scores: ...
 
 

@@ -1,0 +1,65 @@
+"""What a route gets from the app (its `Service` and its request record), and the mark that
+tells the app which routes run the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.routing import BaseRoute
+
+from handler.logging import RECORD_SCOPE_KEY, RequestRecord, take_cold_start
+from handler.service import Service
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_COMPUTE_MARK = "_runs_the_model"
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def record_of(request: Request) -> RequestRecord:
+    record = request.scope.get(RECORD_SCOPE_KEY)
+    if not isinstance(record, RequestRecord):  # only without the app's middleware (unit use)
+        record = RequestRecord(
+            request_id="-",
+            method=request.method,
+            path=request.url.path,
+            dialect="native",
+            cold_start=take_cold_start(),
+        )
+        request.scope[RECORD_SCOPE_KEY] = record
+    return record
+
+
+def compute(endpoint: F) -> F:
+    """Marks an endpoint that runs the model: its requests count against
+    MAX_CONCURRENT_REQUESTS (the cheap routes, /health and the model lists, never wait)."""
+    setattr(endpoint, _COMPUTE_MARK, True)
+    return endpoint
+
+
+def compute_paths(routes: Iterable[BaseRoute], prefix: str) -> frozenset[str]:
+    """The full paths of the routes (as their router declares them, without `prefix`) whose
+    endpoint is marked by `compute`."""
+    return frozenset(
+        prefix + route.path
+        for route in routes
+        if isinstance(route, APIRoute) and getattr(route.endpoint, _COMPUTE_MARK, False)
+    )
+
+
+def methods_at(local_path: str, routes: Iterable[BaseRoute]) -> set[str]:
+    """Every method the routes (as their router declares them) serve at this path. One path can
+    have a route per method, and a 405's `Allow` header must list them all."""
+    return {
+        method
+        for route in routes
+        if isinstance(route, APIRoute) and route.path_regex.match(local_path)
+        for method in route.methods or ()
+    }
