@@ -1,0 +1,217 @@
+"""Lambda SnapStart: what runs before Lambda snapshots the initialised environment, and what runs
+in each environment resumed from that snapshot.
+
+With SnapStart on (template.yaml, parameter SnapStart; docs/snapstart.md), Lambda runs the init
+phase (imports, model load, warm-up) once per published version, snapshots the microVM, and starts
+later environments by resuming the snapshot, so many environments share one memory image. The
+AWS Python 3.12+ base images run the callables registered with `snapshot_restore_py` (their
+runtime interface client bundles it): before-snapshot hooks in reverse order of registration,
+after-restore hooks in order, and the resumed runtime plus the after-restore hooks must finish
+within Lambda's 10 s restore limit.
+
+Before the snapshot: every model is loaded and warmed. A version whose load failed is refused at
+publish (the hook raises, so the deployment fails) rather than snapshotted and resumed into 503s.
+
+After each restore, what must not be shared between environments is renewed:
+- the API keys: read again from Secrets Manager / SSM, so a key rotated after the version was
+  published works; boto3 is bounded to a few seconds so an unreachable endpoint cannot run the
+  restore past its limit, and on failure the keys read at init stay in force (logged);
+- the generators seeded from entropy at init: Python's `random` and numpy's legacy global one
+  (botocore's retry jitter draws from `random`). uuid4 (the request-id fallback) and `secrets`
+  read the kernel's generator on every call and need nothing;
+- the cold-start flag: the first request after a restore logs `cold_start: true, restore: true`;
+- the thread count: re-derived (THREADS, else the cores and Lambda's vCPUs for the memory size)
+  and compared with each session's. onnxruntime fixes a session's intra-op threads when it is
+  created, so a different count means a new session (logged, with the time it took). On Lambda
+  the vCPUs follow the memory size, which is part of the published version, so this should not
+  happen there; the check is what makes the count a fact rather than an assumption.
+
+Elsewhere (uvicorn, a plain container, no `snapshot_restore_py` importable) nothing registers.
+The Python `hash()` seed is also fixed at interpreter start and so shared by every restore; no
+hook can change it, and nothing here depends on it being secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from handler.logging import mark_restored
+
+if TYPE_CHECKING:
+    from handler.engine.engine import Engine
+    from handler.engine.types import ModelRegistry
+    from handler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# boto3's defaults (60 s connect and read timeouts, retries) could outlast the 10 s restore limit
+# when Secrets Manager or SSM is unreachable; 2 attempts in all (the first and one retry, at most
+# 1 s + 2 s each, with standard mode's backoff of under 1 s between) stay well inside it.
+AWS_CONNECT_TIMEOUT_S = 1.0
+AWS_READ_TIMEOUT_S = 2.0
+AWS_TOTAL_ATTEMPTS = 2
+
+
+def register_hooks(app: Any, settings: Settings) -> bool:
+    """Register the before-snapshot and after-restore hooks for this app when the runtime offers
+    `snapshot_restore_py`; True when they were registered."""
+    try:
+        import snapshot_restore_py  # type: ignore[import-untyped]  # no py.typed
+    except ImportError:
+        return False
+    hooks = SnapStartHooks(app, settings)
+    snapshot_restore_py.register_before_snapshot(hooks.before_snapshot)
+    snapshot_restore_py.register_after_restore(hooks.after_restore)
+    return True
+
+
+class SnapStartHooks:
+    def __init__(self, app: Any, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    def registry(self) -> ModelRegistry:
+        """The app's registry (load_models is cached: this is the one the app serves), or the
+        reason it failed to load."""
+        from handler.main import load_models
+
+        registry, error = load_models(self.settings)
+        if registry is None:
+            raise RuntimeError(f"refusing to snapshot an environment without its models: {error}")
+        return registry
+
+    # ---- before the snapshot ------------------------------------------------------------------
+
+    def before_snapshot(self) -> None:
+        start = time.perf_counter()
+        engines = list(_engines(self.registry()))
+        if not self.settings.warmup:
+            # WARMUP=false skips it at load; a snapshot is the one place where it costs nobody.
+            for engine in engines:
+                warm(engine)
+        log.info(
+            "snapshot: %d model(s) loaded and warmed (%s); checked in %.0f ms",
+            len(engines),
+            ", ".join(f"{e.info.id} {e.threads} threads" for e in engines),
+            _ms_since(start),
+        )
+
+    # ---- after each restore -------------------------------------------------------------------
+
+    def after_restore(self) -> None:
+        start = time.perf_counter()
+        reseed()
+        keys = self.refresh_api_keys()
+        threads = self.rederive_threads()
+        mark_restored()
+        log.info(
+            "restored from the snapshot in %.0f ms: generators re-seeded, API keys %s, threads %s",
+            _ms_since(start),
+            keys,
+            threads,
+        )
+
+    def refresh_api_keys(self) -> str:
+        """Read the keys again into the app's checker; what happened, for the log."""
+        settings = self.settings
+        if settings.api_key_secret_arn is None and settings.api_key_ssm_parameter is None:
+            return "not from AWS (nothing to re-read)"
+        checker = self.app.state.key_checker
+        start = time.perf_counter()
+        try:
+            checker.refresh(settings, boto3_session=bounded_boto3_session())
+        except Exception as exc:
+            # The keys read at init stay in force: failing closed here would turn a blip in
+            # Secrets Manager into an environment that answers 503 for its whole life.
+            log.error("after restore, re-reading the API keys failed; kept those of init: %s", exc)
+            return "kept from init (re-read failed)"
+        return f"re-read in {_ms_since(start):.0f} ms"
+
+    def rederive_threads(self) -> str:
+        """Compare each session's intra-op threads with the count derived now; rebuild the
+        session where they differ. What happened, for the log."""
+        from handler.engine.session import default_threads
+
+        changes: list[str] = []
+        registry = self.registry()
+        for model_dir, engine in zip(self.settings.model_paths, _engines(registry), strict=False):
+            wanted = engine.config.threads or default_threads()
+            if wanted == engine.threads:
+                continue
+            before = engine.threads
+            took = rebuild_session(engine, model_dir, wanted)
+            changes.append(f"{engine.info.id} {before} -> {wanted} in {took:.0f} ms")
+        if not changes:
+            return "unchanged (" + ", ".join(str(e.threads) for e in _engines(registry)) + ")"
+        log.warning("after restore the thread count differs; rebuilt %s", "; ".join(changes))
+        return "rebuilt: " + "; ".join(changes)
+
+
+def reseed() -> None:
+    """New seeds from the OS for the generators a snapshot would otherwise share."""
+    random.seed()  # None: os.urandom
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:  # never imported: nothing was seeded
+        np_random.seed()
+
+
+def bounded_boto3_session() -> Any:
+    """A boto3 session whose clients give up within the restore limit."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=AWS_CONNECT_TIMEOUT_S,
+        read_timeout=AWS_READ_TIMEOUT_S,
+        retries={"total_max_attempts": AWS_TOTAL_ATTEMPTS, "mode": "standard"},
+    )
+    return _ConfiguredSession(boto3.session.Session(), config)
+
+
+class _ConfiguredSession:
+    """`session.client(name)` with a botocore Config: what resolve_api_keys calls."""
+
+    def __init__(self, session: Any, config: Any):
+        self._session = session
+        self._config = config
+
+    def client(self, service_name: str) -> Any:
+        return self._session.client(service_name, config=self._config)
+
+
+def warm(engine: Engine) -> None:
+    engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
+
+
+def rebuild_session(engine: Engine, model_dir: Path, threads: int) -> float:
+    """Give the engine a session with `threads` intra-op threads, warmed; milliseconds taken.
+    Restore hooks run before the environment takes any invocation, so nothing is mid-run."""
+    from handler.engine.session import create_session
+
+    start = time.perf_counter()
+    session = create_session(
+        model_dir / engine.manifest.onnx_file, device=engine.config.device, threads=threads
+    )
+    engine.session, engine.threads = session, threads
+    warm(engine)
+    return _ms_since(start)
+
+
+def _engines(registry: ModelRegistry) -> Iterator[Engine]:
+    """The ONNX engines behind the registry (inside their micro-batchers), in load order."""
+    from handler.engine.engine import Engine
+
+    for served in registry:
+        inner = getattr(served, "engine", served)
+        if isinstance(inner, Engine):
+            yield inner
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
