@@ -252,6 +252,30 @@ def test_threads_are_re_derived_and_the_session_rebuilt_when_they_differ(
     )
 
 
+def test_a_failed_rebuild_keeps_the_snapshots_session(
+    lambda_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import handler.engine.session as session_module
+
+    entry = init_container(lambda_env)
+    run_before_snapshot()
+    (engine,) = snapstart._engines(snapstart.SnapStartHooks(entry.app, entry.settings).registry())
+    session, threads = engine.session, engine.threads
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("no room for a second session")
+
+    cores = set(range(threads + 1))
+    lambda_env.setattr(os, "sched_getaffinity", lambda pid: cores)
+    lambda_env.setattr(session_module, "create_session", no_memory)
+    with caplog.at_level(logging.WARNING, logger="handler.snapstart"):
+        resume(snapshot_generators())
+
+    assert engine.session is session and engine.threads == threads
+    assert f"kept {threads} (rebuild to {threads + 1} failed)" in caplog.text
+    assert embed(entry)[0] == 200
+
+
 def test_a_failed_load_is_refused_at_publish_not_snapshotted(
     lambda_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
