@@ -13,4 +13,4 @@ from handler.main import app, settings
 from handler.snapstart import register_hooks
 
 handler = Mangum(app, lifespan="off", custom_handlers=STRICT_HANDLERS)
-register_hooks(app, settings)  # SnapStart's before-snapshot and after-restore hooks
+register_hooks(app, settings, handler)  # SnapStart's before-snapshot and after-restore hooks

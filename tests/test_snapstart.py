@@ -208,6 +208,27 @@ def test_two_restores_share_neither_request_ids_nor_random_draws(
     assert first_draws[0] != second_draws[0] and first_draws[1] != second_draws[1]
 
 
+def test_routes_are_warmed_before_the_snapshot_without_a_trace(
+    lambda_env: pytest.MonkeyPatch,
+    request_lines: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lambda_env.setenv("API_KEY", "key-one")
+    entry = init_container(lambda_env)
+    with caplog.at_level(logging.INFO, logger="handler.snapstart"):
+        run_before_snapshot()
+
+    # One request per dialect went through the handler, with the key check set aside for them...
+    for route in ("/v1/embeddings", "/embeddings", "/api/data/embedding/version/2"):
+        assert f"{route} 200" in caplog.text
+    # ...and left no request log line, and the key check in force again.
+    assert request_lines == []
+    resume(snapshot_generators())
+    assert embed(entry)[0] == 401
+    assert embed(entry, "key-one")[0] == 200
+    assert request_lines[0]["cold_start"] is True and request_lines[0]["restore"] is True
+
+
 def test_the_first_request_after_a_restore_logs_cold_start_and_restore(
     lambda_env: pytest.MonkeyPatch, request_lines: list[dict[str, Any]]
 ) -> None:
