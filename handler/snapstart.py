@@ -60,6 +60,8 @@ AWS_CONNECT_TIMEOUT_S = 1.0
 AWS_READ_TIMEOUT_S = 2.0
 AWS_TOTAL_ATTEMPTS = 2
 
+LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]  # Mangum(app)(event, context)
+
 
 def register_hooks(app: Any, settings: Settings, handler: LambdaHandler | None = None) -> bool:
     """Register the before-snapshot and after-restore hooks for this app (and the Lambda handler
@@ -73,9 +75,6 @@ def register_hooks(app: Any, settings: Settings, handler: LambdaHandler | None =
     snapshot_restore_py.register_before_snapshot(hooks.before_snapshot)
     snapshot_restore_py.register_after_restore(hooks.after_restore)
     return True
-
-
-LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
 class SnapStartHooks:
