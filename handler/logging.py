@@ -36,8 +36,8 @@ _cold_lock = threading.Lock()
 
 
 def take_cold_start() -> bool:
-    """True exactly once per process: for the first request after the container started, or
-    after it was resumed from a SnapStart snapshot (see mark_restored)."""
+    """True for the first request after the container started, and again for the first after
+    each resume from a SnapStart snapshot (see mark_restored); False for every other."""
     global _cold
     with _cold_lock:
         was, _cold = _cold, False
@@ -45,9 +45,9 @@ def take_cold_start() -> bool:
 
 
 def mark_restored() -> None:
-    """Called after a SnapStart restore (handler/snapstart.py): the snapshot was taken after
-    init, when no request had been served yet, but the flag may have been taken since; the next
-    request is this environment's first either way, and its log line says it was a restore."""
+    """Called after a SnapStart restore (handler/snapstart.py): the snapshot holds the flag as
+    the routes' warm-up left it (taken), but the next request is this environment's first, and
+    its log line says it was a restore."""
     global _cold, _restored
     with _cold_lock:
         _cold = _restored = True
