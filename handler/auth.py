@@ -1,8 +1,9 @@
 """Bearer API keys, as a dependency on the protected routers (`/health` and `/` stay public).
 
-Keys come from settings (API_KEY, or the Secrets Manager / SSM parameter read once at start; see
-handler/settings.py). Every allowed key is compared with `hmac.compare_digest`, all of them every
-time, so the time taken does not say which key or how much of it matched. Keys are never logged:
+Keys come from settings (API_KEY, or the Secrets Manager / SSM parameter read at start and again
+after a SnapStart restore; see handler/settings.py and handler/snapstart.py). Every allowed key
+is compared with `hmac.compare_digest`, all of them every time, so the time taken does not say
+which key or how much of it matched. Keys are never logged:
 the request log line has no headers, and error messages never echo what was sent.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from starlette.requests import Request
 
@@ -36,6 +38,13 @@ class KeyChecker:
             log.error("%s", reason)
             return cls((), unavailable_reason=reason)
         return cls(keys)
+
+    def refresh(self, settings: Settings, *, boto3_session: Any = None) -> None:
+        """Read the keys again, in place (the app and its routes keep this checker): after a
+        SnapStart restore the snapshot holds the keys of publish time. Raises, changing
+        nothing, when they cannot be read."""
+        keys = resolve_api_keys(settings, boto3_session=boto3_session)
+        self._keys, self._unavailable = tuple(k.encode("utf-8") for k in keys), None
 
     @property
     def enabled(self) -> bool:

@@ -5,8 +5,9 @@ bare JSON: CloudWatch and Cloud Run both parse it as structured (`severity` and 
 Run's field names). It carries the request id (Lambda's `aws_request_id` when Mangum passes the
 context, else a fresh uuid), the route, model, number of inputs, tokens, per-stage timings from the
 engine (`Encoded.timings_ms`) plus the total, `batched_with` (how many other requests shared its
-forward passes under micro-batching), and `cold_start`: whether this was the first request
-this process served. Never the request body, never headers, so never an API key.
+forward passes under micro-batching), `cold_start`: whether this was the first request
+this process served, and `restore`: whether that cold start resumed a SnapStart snapshot. Never
+the request body, never headers, so never an API key.
 
 Headers: `x-request-id`, `x-total-time` and `x-<stage>-time` for each engine stage (milliseconds),
 in the spirit of TEI's `x-inference-time`.
@@ -30,15 +31,30 @@ REQUEST_LOGGER = "bge_m3.request"
 RECORD_SCOPE_KEY = "bge_m3.record"
 
 _cold = True
+_restored = False  # this environment was resumed from a SnapStart snapshot
 _cold_lock = threading.Lock()
 
 
 def take_cold_start() -> bool:
-    """True exactly once per process: for the first request after the container started."""
+    """True for the first request after the container started, and again for the first after
+    each resume from a SnapStart snapshot (see mark_restored); False for every other."""
     global _cold
     with _cold_lock:
         was, _cold = _cold, False
     return was
+
+
+def mark_restored() -> None:
+    """Called after a SnapStart restore (handler/snapstart.py): the snapshot holds the flag as
+    the routes' warm-up left it (taken), but the next request is this environment's first, and
+    its log line says it was a restore."""
+    global _cold, _restored
+    with _cold_lock:
+        _cold = _restored = True
+
+
+def restored_from_snapshot() -> bool:
+    return _restored
 
 
 @dataclass
@@ -84,6 +100,8 @@ class RequestRecord:
             },
             "batched_with": self.batched_with,
             "cold_start": self.cold_start,
+            # The cold start was a resume from a SnapStart snapshot, not a fresh init.
+            "restore": self.cold_start and restored_from_snapshot(),
             "error_code": self.error_code,
             "response_bytes": self.response_bytes,
         }

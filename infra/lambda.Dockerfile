@@ -11,6 +11,12 @@
 #                    the python3.11 base is Amazon Linux 2, glibc 2.26, too old for the
 #                    onnxruntime and numpy wheels, which need glibc 2.28). CI passes a local
 #                    Debian stand-in, which has no Lambda runtime interface client.
+#                    SnapStart (template.yaml): this base's runtime runs the hooks that
+#                    handler/snapstart.py registers with its bundled snapshot_restore_py. Another
+#                    base needs, as ENTRYPOINT, a runtime interface client that implements
+#                    SnapStart's restore API (awslambdaric does, and depends on
+#                    snapshot_restore_py). No `com.amazonaws.lambda.feature.snapstart` label
+#                    here: it would let Lambda snapshot an image whose restore hooks never run.
 #   BUILD_BASE_IMAGE where the model is exported (torch CPU); default BASE_IMAGE.
 #   ARCH             x86_64 | arm64: asserted against the build platform (TARGETARCH, set by
 #                    BuildKit from --platform, is used when ARCH is empty).

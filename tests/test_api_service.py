@@ -386,6 +386,7 @@ def test_one_json_log_line_per_request(
     assert first["inputs"] == 2 and first["tokens"] == 7 and first["status"] == 200
     assert set(first["timings_ms"]) == {"tokenize", "infer", "post", "total"}
     assert first["cold_start"] is True and second["cold_start"] is False
+    assert first["restore"] is False  # a fresh process, not a SnapStart resume
     assert second["status"] == 404 and second["error_code"] == "model_not_found"
     assert second["request_id"] == r2.headers["x-request-id"]
 

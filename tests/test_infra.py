@@ -238,6 +238,95 @@ def test_template_http_api_is_optional() -> None:
     assert template["Parameters"]["HttpApiAuth"]["Default"] == "DISABLED"
 
 
+# ---- SnapStart ----------------------------------------------------------------------------------
+
+
+def _evaluate(expr: Any, values: dict[str, Any], conditions: dict[str, Any]) -> Any:
+    """A CloudFormation condition or rule assertion, evaluated for these parameter values (and
+    pseudo parameters such as AWS::Region); Ref of a parameter yields a string, as in Rules."""
+    if not isinstance(expr, dict):
+        return expr
+    ((fn, arg),) = expr.items()
+    if fn == "Ref":
+        return str(values[arg])
+    if fn in ("Condition", "Fn::Condition"):  # the short tag !Condition loads as Fn::Condition
+        return _evaluate(conditions[arg], values, conditions)
+    args = [_evaluate(a, values, conditions) for a in arg]
+    if fn == "Fn::Equals":
+        return str(args[0]) == str(args[1])
+    if fn == "Fn::Not":
+        return not args[0]
+    if fn == "Fn::And":
+        return all(args)
+    if fn == "Fn::Or":
+        return any(args)
+    raise AssertionError(f"unexpected function {fn}")
+
+
+def _snapstart_outcome(snapstart: str, provisioned: int, region: str = "us-east-1") -> str:
+    """On, off, or the description of the Rule that refuses the stack ("on" / "off" / text)."""
+    template = load_template()
+    values = {name: p.get("Default", "") for name, p in template["Parameters"].items()} | {
+        "SnapStart": snapstart,
+        "ProvisionedConcurrency": provisioned,
+        "AWS::Region": region,
+    }
+    conditions = template["Conditions"]
+    for rule in template["Rules"].values():
+        if _evaluate(rule.get("RuleCondition", True), values, conditions):
+            for assertion in rule["Assertions"]:
+                if not _evaluate(assertion["Assert"], values, conditions):
+                    return str(assertion["AssertDescription"])
+    props = template["Resources"]["EmbeddingFunction"]["Properties"]
+    condition, when_on, when_off = props["SnapStart"]["Fn::If"]
+    assert when_on == {"ApplyOn": "PublishedVersions"} and when_off == {"Ref": "AWS::NoValue"}
+    return "on" if _evaluate({"Condition": condition}, values, conditions) else "off"
+
+
+def test_template_snapstart_is_on_by_default_where_lambda_allows_it() -> None:
+    params = load_template()["Parameters"]
+    assert params["SnapStart"]["Default"] == "Auto"
+    assert params["SnapStart"]["AllowedValues"] == ["Auto", "PublishedVersions", "None"]
+    assert _snapstart_outcome("Auto", 0) == "on"
+    # Lambda refuses SnapStart with provisioned concurrency: Auto steps aside, an explicit
+    # PublishedVersions is refused before anything is created.
+    assert _snapstart_outcome("Auto", 2) == "off"
+    assert _snapstart_outcome("PublishedVersions", 0) == "on"
+    assert "provisioned concurrency" in _snapstart_outcome("PublishedVersions", 2)
+    assert _snapstart_outcome("None", 0) == "off" and _snapstart_outcome("None", 2) == "off"
+    # Regions without SnapStart.
+    assert _snapstart_outcome("Auto", 0, "ap-southeast-6") == "off"
+    assert _snapstart_outcome("Auto", 0, "ap-east-2") == "off"
+    assert _snapstart_outcome("Auto", 0, "eu-west-1") == "on"
+
+
+def test_template_snapstart_applies_to_the_versions_the_alias_publishes() -> None:
+    template = load_template()
+    props = template["Resources"]["EmbeddingFunction"]["Properties"]
+    # SnapStart only ever applies to published versions: AutoPublishAlias publishes one per
+    # deployment, and everything that invokes goes through the alias.
+    assert props["AutoPublishAlias"] == "live"
+    # SnapStart's other limits: ephemeral storage of 512 MB at most, no EFS.
+    assert props.get("EphemeralStorage", {"Size": 512})["Size"] == 512
+    assert "FileSystemConfigs" not in props
+    assert template["Outputs"]["SnapStart"]["Value"]["Fn::If"][0] == "UseSnapStart"
+
+
+def test_lambda_image_runs_the_snapstart_hooks() -> None:
+    """The AWS Python 3.12+ base runs snapshot_restore_py's hooks. The label that lets Lambda
+    snapshot an image without a hook-running runtime must not be set: on such a base, publishing
+    should fail rather than snapshot an environment whose after-restore hooks never run."""
+    dockerfile = parse_dockerfile(LAMBDA_DOCKERFILE)
+    base = dockerfile.global_args["BASE_IMAGE"] or ""
+    match = re.fullmatch(r"public\.ecr\.aws/lambda/python:3\.(\d+)", base)
+    assert match and int(match.group(1)) >= 12, base
+    for stage in dockerfile.stages:
+        for label in stage.args("LABEL"):
+            assert "com.amazonaws.lambda.feature.snapstart" not in label, label
+    runtime_requirements = (ROOT / "requirements.txt").read_text()
+    assert "snapshot-restore-py" not in runtime_requirements  # the base's own copy serves
+
+
 # ---- Dockerfiles --------------------------------------------------------------------------------
 
 
