@@ -192,7 +192,7 @@ class SnapStartHooks:
             engine = _unwrapped(served)
             if engine is None:
                 continue
-            wanted = engine.config.threads or default_threads()
+            wanted = engine.config.threads or default_threads(self.settings.cpu_limit)
             # The session's own options, not what was asked for: the count it really runs with.
             current = engine.session.get_session_options().intra_op_num_threads
             if wanted == current:
