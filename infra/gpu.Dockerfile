@@ -88,7 +88,9 @@ WORKDIR /app
 # PORT: Cloud Run sets it (8080); elsewhere this default applies. DEVICE=cuda selects the CUDA
 # execution provider, with a logged fallback to CPU when no usable GPU is there. MODEL_VERIFY and
 # HF_HUB_OFFLINE: as in infra/lambda.Dockerfile. HOME: the non-root user has no home directory.
-ENV PORT=8080 \
+# HOST: every interface of the container (handler.main alone listens on loopback only).
+ENV HOST=0.0.0.0 \
+    PORT=8080 \
     DEVICE=cuda \
     MODEL_PATH=/opt/model \
     MODEL_VERIFY=size \

