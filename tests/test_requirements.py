@@ -28,8 +28,10 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# The project's own top-level packages and the tests' helper modules.
-LOCAL_MODULES = {"handler", "model_build", "bench", "tests", "fakes", "conftest"}
+# The project's own top-level packages and every module in tests/ (tests import each other's helpers).
+LOCAL_MODULES = {"handler", "model_build", "bench", "tests"} | {
+    p.stem for p in (ROOT / "tests").glob("*.py")
+}
 
 # Each pinned file: the extras it resolves, and the pip-compile command in its header (`make lock`).
 LOCKS: dict[str, tuple[tuple[str, ...], str]] = {
