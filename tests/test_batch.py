@@ -381,3 +381,11 @@ def test_output_loads_into_qdrant_local_mode(
     )
     assert sparse_hit.points[0].payload == {"id": "t3"}
     client.close()
+
+
+def test_gpu_setting_falls_back_to_cpu_with_a_warning(tmp_path: Path, tiny_fp32: Path) -> None:
+    # The GPU image sets DEVICE=cuda; where onnxruntime has no CUDA provider the job still runs.
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": TEXTS[0]}])
+    proc = run_cli([str(source), str(tmp_path / "out")], tiny_fp32, env={"DEVICE": "cuda"})
+    assert "falling back to CPU" in proc.stderr
+    assert read_parts(tmp_path / "out").column("id").to_pylist() == ["a"]

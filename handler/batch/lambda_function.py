@@ -72,7 +72,12 @@ class WorkerInput:
     options: JobOptions
 
 
-def parse_batch_input(batch: Mapping[str, Any], environ: Mapping[str, str]) -> WorkerInput:
+def parse_batch_input(given: Mapping[str, Any], environ: Mapping[str, str]) -> WorkerInput:
+    """BatchInput's fields; the state machine nests the execution's options under `options`."""
+    options = given.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise BatchInputError("BatchInput.options must be an object")
+    batch = {**options, **{k: v for k, v in given.items() if k != "options"}}
     output = batch.get("output") or environ.get("BATCH_OUTPUT")
     if not output or not str(output).startswith("s3://"):
         raise BatchInputError("BatchInput.output (or BATCH_OUTPUT) must be an s3:// prefix")
@@ -125,7 +130,10 @@ def is_listing_entry(item: Any) -> bool:
 def rows_of(items: Sequence[Any], work: WorkerInput, workdir: Path) -> list[Row]:
     rows: list[Row] = []
     fields = work.options.fields
-    for position, item in enumerate(items):
+    for position, given in enumerate(items):
+        # The state machine's ItemSelector wraps each item with its index in the input.
+        wrapped = isinstance(given, Mapping) and set(given) == {"index", "value"}
+        number, item = (int(given["index"]), given["value"]) if wrapped else (position, given)
         if is_listing_entry(item):
             if work.input_bucket is None:
                 raise BatchInputError("S3 listing items need BatchInput.input_bucket")
@@ -134,11 +142,7 @@ def rows_of(items: Sequence[Any], work: WorkerInput, workdir: Path) -> list[Row]
             rows.extend(read_rows(path, key, format_of(key, "jsonl"), fields))
             path.unlink()
             continue
-        if isinstance(item, Mapping) and set(item) == {"index", "value"}:
-            number, record = int(item["index"]), item["value"]
-        else:
-            number, record = position, item
-        row = row_from_record(record, "item", number, fields)
+        row = row_from_record(item, "item", number, fields)
         rows.append(Row(row.source, row.number, row.id, row.text, row.error, "item"))
     return rows
 
