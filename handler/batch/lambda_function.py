@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -51,7 +50,7 @@ from handler.engine.types import EmbeddingEngine
 from handler.settings import Settings
 
 # Writing and uploading the part, and returning, must fit in what is left after the last chunk.
-RESERVE_MS = int(os.environ.get("BATCH_RESERVE_MS", "15000"))
+RESERVE_MS = 15_000
 # Texts per engine call: small enough that the time check between calls comes often.
 CHUNK = 64
 
@@ -72,15 +71,15 @@ class WorkerInput:
     options: JobOptions
 
 
-def parse_batch_input(given: Mapping[str, Any], environ: Mapping[str, str]) -> WorkerInput:
+def parse_batch_input(given: Mapping[str, Any]) -> WorkerInput:
     """BatchInput's fields; the state machine nests the execution's options under `options`."""
     options = given.get("options") or {}
     if not isinstance(options, Mapping):
         raise BatchInputError("BatchInput.options must be an object")
     batch = {**options, **{k: v for k, v in given.items() if k != "options"}}
-    output = batch.get("output") or environ.get("BATCH_OUTPUT")
+    output = batch.get("output")
     if not output or not str(output).startswith("s3://"):
-        raise BatchInputError("BatchInput.output (or BATCH_OUTPUT) must be an s3:// prefix")
+        raise BatchInputError("BatchInput.output must be an s3:// prefix")
     where = locations.parse_location(str(output))
     assert isinstance(where, locations.S3Uri)
     if where.key and not where.key.endswith("/"):
@@ -98,7 +97,7 @@ def parse_batch_input(given: Mapping[str, Any], environ: Mapping[str, str]) -> W
             id=str(batch.get("id_field", "id")), text=str(batch.get("text_field", "text"))
         ),
     )
-    bucket = batch.get("input_bucket") or environ.get("BATCH_INPUT_BUCKET")
+    bucket = batch.get("input_bucket")
     return WorkerInput(where, str(bucket) if bucket else None, options)
 
 
@@ -210,13 +209,11 @@ def process_batch(
     event: Mapping[str, Any],
     context: Any,
     engine: EmbeddingEngine,
-    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    env = os.environ if environ is None else environ
     items = event.get("Items")
     if not isinstance(items, list):
         raise BatchInputError("the event has no Items list (is the Map's ItemBatcher set?)")
-    work = parse_batch_input(event.get("BatchInput") or {}, env)
+    work = parse_batch_input(event.get("BatchInput") or {})
     work.options.check(engine)
     deadline = Deadline(context)
     digest = batch_digest(items)
@@ -284,4 +281,7 @@ def engine_from_environment() -> EmbeddingEngine:
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return process_batch(event, context, engine_from_environment())
+    result = process_batch(event, context, engine_from_environment())
+    # One JSON line per batch in the worker's log group, as the CLI writes one per part.
+    print(json.dumps({"event": "batch", **result}), flush=True)
+    return result
