@@ -389,3 +389,38 @@ def test_gpu_setting_falls_back_to_cpu_with_a_warning(tmp_path: Path, tiny_fp32:
     proc = run_cli([str(source), str(tmp_path / "out")], tiny_fp32, env={"DEVICE": "cuda"})
     assert "falling back to CPU" in proc.stderr
     assert read_parts(tmp_path / "out").column("id").to_pylist() == ["a"]
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, tiny_fp32: Path) -> None:
+    # stderr is a pseudo-terminal here, as in an interactive shell: a bar, not JSON lines.
+    import pty
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(TEXTS)])
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "MODEL_PATH": str(tiny_fp32), "MODEL_VERIFY": "size"}
+    env.pop("TQDM_DISABLE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "handler.batch", str(source), str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed its side
+            break
+        if not data:
+            break
+        chunks.append(data)
+    stdout, _ = proc.communicate(timeout=600)
+    os.close(controller)
+    assert proc.returncode == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "rows/s" in shown and "tokens/s" in shown
+    assert '"event": "part"' not in shown
+    assert json.loads(stdout.strip().splitlines()[-1])["rows"] == len(TEXTS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -229,7 +230,8 @@ class Bar:
     def start(self, total_rows: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_rows, unit="rows", dynamic_ncols=True, smoothing=0.1)
+        columns, rows = _terminal_size()
+        self.bar = tqdm(total=total_rows, unit="rows", ncols=columns, nrows=rows, smoothing=0.1)
         self.started = time.perf_counter()
 
     def advance(self, rows: int, tokens: int) -> None:
@@ -245,6 +247,16 @@ class Bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _terminal_size() -> tuple[int, int]:
+    # A terminal that reports no size (0 x 0: pseudo-terminals in CI and `script`) makes tqdm
+    # hide its only bar; assume a common size instead.
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        return 100, 24
+    return (size.columns or 100), (size.lines or 24)
 
 
 def default_progress() -> Progress:
@@ -310,6 +322,7 @@ def run_job(
                 good = [r for r in rows if r.ok]
                 summary.rows += len(good)
                 summary.errors += len(bad)
+                progress.advance(len(bad), 0)  # the bar counts every row read, good or bad
                 _one_part(engine, k, good, output, options, workdir, cache, summary, progress)
         finally:
             progress.close()
