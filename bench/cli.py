@@ -2,6 +2,7 @@
 
     python -m bench [--smoke] [--engines ours-int8 ort-int8 ...] [--work-dir bench/work]
                     [--out bench/results] [--rebuild]
+    python -m bench --job [--smoke]      # the corpus job figure only (bench/job.py)
 
 Full run (`make bench`): the full-size model (24 layers, hidden 1024, vocab 250,002), minutes and
 about 13 GB of disk in the work directory (bge-m3-lite's build holds about 19 GiB of memory while
@@ -154,6 +155,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=None, help="default: bench/results (smoke: WORK_DIR/results)"
     )
     parser.add_argument("--rebuild", action="store_true", help="ignore cached models")
+    parser.add_argument(
+        "--job",
+        action="store_true",
+        help="only the corpus job figure: batch CLI against an API client loop (bench/job.py)",
+    )
     parser.add_argument(
         "--rss-cap-gib",
         type=float,
@@ -378,6 +384,10 @@ def stop_on_signals() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.job:
+        from bench import job
+
+        return job.main(args.smoke, args.work_dir, args.out, args.rebuild)
     stop_on_signals()
     mode = SMOKE if args.smoke else FULL
     start = time.monotonic()

@@ -5,6 +5,7 @@ images themselves are built and run by infra/scripts/ci_image_test.sh (`make tes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -516,3 +517,194 @@ def test_fix_permissions_makes_0600_files_readable(tmp_path: Path) -> None:
     subprocess.run([str(INFRA / "scripts" / "fix_permissions.sh"), str(model)], check=True)
     assert weights.stat().st_mode & 0o777 == 0o644
     assert (model / "sub").stat().st_mode & 0o777 == 0o755
+
+
+# ---- corpus jobs: Step Functions Distributed Map and Cloud Run jobs ------------------------------
+
+ASL = INFRA / "stepfunctions" / "corpus-job.asl.json"
+CORPUS_RESOURCES = {
+    "CorpusWorkerLogGroup",
+    "CorpusWorkerRole",
+    "CorpusWorkerFunction",
+    "CorpusJobRole",
+    "CorpusJobStateMachine",
+}
+
+
+def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+
+
+def _actions(statement: dict[str, Any]) -> list[str]:
+    action = statement["Action"]
+    return [action] if isinstance(action, str) else list(action)
+
+
+def test_corpus_job_is_optional_and_off_by_default() -> None:
+    template = load_template()
+    assert template["Parameters"]["CorpusJob"]["Default"] == "DISABLED"
+    resources = template["Resources"]
+    assert set(resources) >= CORPUS_RESOURCES
+    for name in CORPUS_RESOURCES:
+        assert resources[name]["Condition"] == "HasCorpusJob", name
+    for name, output in template["Outputs"].items():
+        if name.startswith("Corpus"):
+            assert output["Condition"] == "HasCorpusJob"
+
+
+def test_corpus_worker_is_the_api_image_with_another_entry_point() -> None:
+    resources = load_template()["Resources"]
+    api, worker = resources["EmbeddingFunction"], resources["CorpusWorkerFunction"]
+    assert worker["Metadata"] == api["Metadata"]  # same Dockerfile, context, tag and model
+    props = worker["Properties"]
+    (command,) = props["ImageConfig"]["Command"]
+    assert command == "handler.batch.lambda_function.handler"
+    module, _, attr = command.rpartition(".")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    assert props["Timeout"] == 900  # the worker's time guard measures against whatever is set
+
+
+def test_corpus_roles_are_least_privilege() -> None:
+    resources = load_template()["Resources"]
+    worker = _statements(resources["CorpusWorkerRole"])
+    granted = {a: s["Resource"] for s in worker for a in _actions(s)}
+    assert set(granted) == {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "s3:GetObject",
+        "s3:PutObject",
+    }
+    assert granted["s3:GetObject"]["Fn::Sub"].endswith("${CorpusInputBucket}/${CorpusInputPrefix}*")
+    assert granted["s3:PutObject"]["Fn::Sub"].endswith(
+        "${CorpusOutputBucket}/${CorpusOutputPrefix}*"
+    )
+    job = _statements(resources["CorpusJobRole"])
+    for statement in job + worker:
+        assert statement["Effect"] == "Allow"
+        assert "*" not in _actions(statement) and statement["Resource"] != "*"
+        assert not any(a.endswith(":*") for a in _actions(statement))
+    listing = next(s for s in job if "s3:ListBucket" in _actions(s))
+    assert listing["Condition"]["StringLike"]["s3:prefix"] == {"Fn::Sub": "${CorpusInputPrefix}*"}
+
+
+def _asl() -> dict[str, Any]:
+    data = json.loads(ASL.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_state_machine_substitutions_match_the_definition() -> None:
+    machine = load_template()["Resources"]["CorpusJobStateMachine"]["Properties"]
+    assert machine["DefinitionUri"] == str(ASL.relative_to(ROOT))
+    used = set(re.findall(r"\$\{(\w+)\}", ASL.read_text()))
+    assert used == set(machine["DefinitionSubstitutions"])
+
+
+def test_state_machine_maps_are_distributed_batched_retried_and_written() -> None:
+    states = _asl()["States"]
+    maps = {name: s for name, s in states.items() if s["Type"] == "Map"}
+    readers = {
+        name: (
+            m["ItemReader"]["Resource"],
+            m["ItemReader"].get("ReaderConfig", {}).get("InputType"),
+        )
+        for name, m in maps.items()
+    }
+    assert readers == {
+        "EmbedJsonLines": ("arn:aws:states:::s3:getObject", "JSONL"),
+        "EmbedCsv": ("arn:aws:states:::s3:getObject", "CSV"),
+        "EmbedShards": ("arn:aws:states:::s3:listObjectsV2", None),
+    }
+    for m in maps.values():
+        assert m["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
+        batcher = m["ItemBatcher"]
+        assert {"MaxItemsPerBatchPath", "MaxInputBytesPerBatchPath"} <= set(batcher)
+        # What the worker reads (tests/data/stepfunctions_events carry the same keys).
+        assert set(batcher["BatchInput"]) == {"output.$", "input_bucket", "options.$"}
+        assert {"MaxConcurrencyPath", "ToleratedFailurePercentagePath"} <= set(m)
+        assert m["ResultWriter"]["Resource"] == "arn:aws:states:::s3:putObject"
+        (task,) = m["ItemProcessor"]["States"].values()
+        assert task["Resource"] == "arn:aws:states:::lambda:invoke"
+        assert task["Parameters"]["FunctionName"] == "${WorkerArn}"
+        (retry,) = task["Retry"]
+        assert {"Lambda.TooManyRequestsException", "Lambda.ServiceException"} <= set(
+            retry["ErrorEquals"]
+        )
+        assert retry["BackoffRate"] > 1 and retry["MaxAttempts"] >= 3
+        # A worker's own failure (a batch too large for its timeout) is not retried blindly.
+        assert "States.ALL" not in retry["ErrorEquals"]
+
+
+def test_state_machine_definition_passes_cfn_lint(tmp_path: Path) -> None:
+    # cfn-lint checks an inline Definition against the States Language schema (E3601); the
+    # template keeps the definition in its own file, so lint it inline in a one-resource template.
+    machine = load_template()["Resources"]["CorpusJobStateMachine"]["Properties"]
+    text = ASL.read_text()
+    for name in machine["DefinitionSubstitutions"]:
+        value = "262144" if name.startswith("Max") or name.startswith("Tolerated") else "x"
+        text = text.replace("${" + name + "}", value)
+    definition = json.loads(text)
+    states = definition["States"]
+    assert states["Settings"]["Parameters"]["max_concurrency.$"] == "States.StringToJson('262144')"
+    wrapper = {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Resources": {
+            "Machine": {
+                "Type": "AWS::StepFunctions::StateMachine",
+                "Properties": {
+                    "RoleArn": "arn:aws:iam::123456789012:role/corpus-job",
+                    "Definition": definition,
+                },
+            }
+        },
+    }
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps(wrapper))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from cfnlint.runner import main; main()", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _job(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((INFRA / "cloudrun" / name).read_text())
+    assert data["apiVersion"] == "run.googleapis.com/v1" and data["kind"] == "Job"
+    return dict(data)
+
+
+@pytest.mark.parametrize("name", ["job-cpu.yaml", "job-gpu.yaml"])
+def test_cloud_run_jobs_run_the_cli_on_a_bucket_mount(name: str) -> None:
+    job = _job(name)
+    execution = job["spec"]["template"]
+    assert (
+        execution["metadata"]["annotations"]["run.googleapis.com/execution-environment"] == "gen2"
+    )
+    assert execution["spec"]["taskCount"] >= 2
+    task = execution["spec"]["template"]["spec"]
+    (container,) = task["containers"]
+    assert container["command"] == ["python3", "-m", "handler.batch"]
+    (mount,) = container["volumeMounts"]
+    (volume,) = task["volumes"]
+    assert volume["name"] == mount["name"]
+    assert volume["csi"]["driver"] == "gcsfuse.run.googleapis.com"
+    source, output = container["args"][:2]
+    assert source.startswith(mount["mountPath"] + "/") and output.startswith(
+        mount["mountPath"] + "/"
+    )
+    # Cloud Run sets the task variables; setting them here would give every task the same shard.
+    env = {e["name"] for e in container.get("env", [])}
+    assert not env & {"CLOUD_RUN_TASK_INDEX", "CLOUD_RUN_TASK_COUNT"}
+
+
+def test_cloud_run_jobs_use_the_cpu_and_gpu_images() -> None:
+    cpu = _job("job-cpu.yaml")["spec"]["template"]["spec"]["template"]["spec"]
+    gpu = _job("job-gpu.yaml")["spec"]["template"]["spec"]["template"]["spec"]
+    assert cpu["containers"][0]["image"].endswith("/bge-m3-lambda:latest")
+    assert gpu["containers"][0]["image"].endswith("/bge-m3-gpu:latest")
+    assert gpu["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-l4"
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "DEVICE", "value": "cuda"} in gpu["containers"][0]["env"]
+    assert {"name": "DEVICE", "value": "cpu"} in cpu["containers"][0]["env"]

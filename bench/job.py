@@ -1,0 +1,224 @@
+"""`python -m bench --job`: a corpus embedded two ways in the same run, on the same model.
+
+1. the job path: `python -m handler.batch corpus.jsonl out/ --dense --sparse` (one process, Parquet
+   parts), timed from its own summary (reading, embedding, writing; the model load excluded) and
+   from the outside (the whole process);
+2. the API path: `python -m handler.main` (uvicorn) on 127.0.0.1 and one client sending the corpus
+   in order as POST /embeddings requests of B passages (dense + sparse), for each B in the plan;
+   the best B is the API's figure.
+
+Rows/s and tokens/s for both, and their ratio. Full size (`python -m bench --job`): the full-size
+int8 model and a few thousand passages of 64 to 256 tokens; minutes. `--smoke` does the same on the
+tiny fixture: its numbers show the mode works, not how fast anything is. Results go to
+OUT/job-<date>-<cpu>[-smoke].json and .md, never over latest.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import REPO_ROOT, Json, machine_info, say, stop_process
+from bench.concurrency import HOST, free_port, wait_healthy
+from bench.prep import Prep
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    size: str
+    passages: int
+    min_tokens: int
+    max_tokens: int
+    batch_sizes: tuple[int, ...]
+    rows_per_part: int
+    timeout_s: float
+
+
+FULL_JOB = JobPlan("full", 4000, 64, 256, (8, 32, 128), 1000, 3600)
+SMOKE_JOB = JobPlan("tiny", 2000, 16, 128, (8, 32, 128), 500, 600)
+
+
+def make_corpus(plan: JobPlan, source: Path, path: Path) -> int:
+    """Passages of exact, seeded token counts between min and max; returns the total tokens."""
+    from bench.texts import TokenTexts
+
+    tt = TokenTexts(source / "tokenizer.json")
+    rng = random.Random(16)
+    total = 0
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(plan.passages):
+            tokens = rng.randint(plan.min_tokens, plan.max_tokens)
+            total += tokens
+            record = {"id": f"p{i}", "text": tt.make(tokens, seed=100_000 + i)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return total
+
+
+def run_cli(model: Path, corpus: Path, out: Path, plan: JobPlan) -> Json:
+    env = {**os.environ, "MODEL_PATH": str(model), "MODEL_VERIFY": "size", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "handler.batch", str(corpus), str(out), "--dense", "--sparse",
+           "--rows-per-part", str(plan.rows_per_part)]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=plan.timeout_s
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
+    summary: Json = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = sorted(out.glob("part-*.parquet"))
+    return {
+        "rows": summary["rows"],
+        "tokens": summary["tokens"],
+        "seconds": summary["seconds"],
+        "rows_per_s": summary["rows_per_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "process_wall_s": round(wall, 2),
+        "parts": len(parts),
+        "parquet_mib": round(sum(p.stat().st_size for p in parts) / 2**20, 2),
+    }
+
+
+def _post(conn: http.client.HTTPConnection, texts: list[str]) -> int:
+    body = json.dumps(
+        {"input": texts, "input_type": {"dense": True, "sparse": True}, "sparse_format": "id"}
+    ).encode()
+    conn.request("POST", "/embeddings", body=body, headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"POST /embeddings answered {response.status}: {payload[:300]!r}")
+    tokens: int = json.loads(payload)["usage"]["total_tokens"]
+    return tokens
+
+
+def run_api(model: Path, texts: list[str], plan: JobPlan, log_file: Path) -> Json:
+    """One client, requests one after another: what a user's indexing loop does."""
+    port = free_port()
+    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": HOST,
+           "MODEL_VERIFY": "size", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    result: Json = {"batch_sizes": {}}
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "handler.main"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_healthy(proc, port, 300)
+            conn = http.client.HTTPConnection(HOST, port, timeout=plan.timeout_s)
+            _post(conn, texts[:1])  # the route's first call
+            for size in plan.batch_sizes:
+                start = time.perf_counter()
+                tokens = sum(_post(conn, texts[i : i + size]) for i in range(0, len(texts), size))
+                seconds = time.perf_counter() - start
+                result["batch_sizes"][str(size)] = {
+                    "rows": len(texts),
+                    "tokens": tokens,
+                    "seconds": round(seconds, 3),
+                    "rows_per_s": round(len(texts) / seconds, 1),
+                    "tokens_per_s": round(tokens / seconds, 1),
+                }
+                say("job", f"API, batches of {size}: {len(texts) / seconds:.1f} rows/s")
+            conn.close()
+        except Exception as exc:
+            result["error"] = f"{exc}; server log: {log_file}"
+        finally:
+            stop_process(proc)
+    sizes = result["batch_sizes"]
+    if sizes:
+        best = max(sizes, key=lambda b: sizes[b]["tokens_per_s"])
+        result["best_batch_size"] = int(best)
+        result["best"] = sizes[best]
+    return result
+
+
+def markdown(doc: Json) -> str:
+    cli, api = doc["cli"], doc["api"]
+    lines = [
+        f"# Corpus job figure ({doc['mode']}, {doc['date'][:10]})",
+        "",
+        f"{doc['corpus']['passages']} passages, {doc['corpus']['tokens']} tokens "
+        f"({doc['corpus']['min_tokens']}-{doc['corpus']['max_tokens']} each), model "
+        f"{doc['model']}, dense + sparse; {doc['machine']['cpu']}, "
+        f"{doc['machine']['cores']} cores.",
+        "",
+        "| path | rows/s | tokens/s |",
+        "|---|---:|---:|",
+    ]
+    if "error" not in cli:
+        lines.append(f"| CLI (`python -m handler.batch`, Parquet) | {cli['rows_per_s']} | "
+                     f"{cli['tokens_per_s']} |")  # fmt: skip
+    for size, r in api.get("batch_sizes", {}).items():
+        lines.append(f"| API, one client, {size} per request | {r['rows_per_s']} | "
+                     f"{r['tokens_per_s']} |")  # fmt: skip
+    if doc.get("cli_over_best_api") is not None:
+        lines += ["", f"CLI / best API batch: {doc['cli_over_best_api']}x tokens/s."]
+    if doc["mode"] == "smoke":
+        lines += ["", "Smoke run on the tiny random-weight model: the numbers show that the mode "
+                  "works, not how fast either path is."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(smoke: bool, work_dir: Path, out: Path, rebuild: bool) -> int:
+    plan = SMOKE_JOB if smoke else FULL_JOB
+    mode = "smoke" if smoke else "full"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    prep = Prep(work_dir, plan.size, rebuild=rebuild, timeout_s=3600)
+    source = prep.make_source()
+    model = prep.build_ours("int8")
+    if not (source.ok and model.ok):
+        say("job", f"no model: {source.error or model.error}")
+        return 1
+    corpus = work_dir / f"job-corpus-{plan.size}.jsonl"
+    total_tokens = make_corpus(plan, source.path, corpus)
+    texts = [json.loads(line)["text"] for line in corpus.read_text("utf-8").splitlines()]
+    say("job", f"corpus: {len(texts)} passages, {total_tokens} tokens -> {corpus}")
+    parts = work_dir / f"job-out-{plan.size}"
+    for old in parts.glob("*"):
+        old.unlink()  # a fresh output: a re-run must embed, not skip
+    say("job", "CLI: python -m handler.batch")
+    cli = run_cli(model.path, corpus, parts, plan)
+    say("job", f"CLI: {cli.get('rows_per_s')} rows/s, {cli.get('tokens_per_s')} tokens/s")
+    api = run_api(model.path, texts, plan, work_dir / "logs" / f"job-server-{plan.size}.log")
+    doc: Json = {
+        "schema": 1,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "mode": mode,
+        "command": "python -m bench --job" + (" --smoke" if smoke else ""),
+        "machine": machine,
+        "model": f"{plan.size} int8 ({model.path.name})",
+        "corpus": {
+            "passages": len(texts),
+            "tokens": total_tokens,
+            "min_tokens": plan.min_tokens,
+            "max_tokens": plan.max_tokens,
+        },
+        "cli": cli,
+        "api": api,
+    }
+    if "error" not in cli and api.get("best"):
+        doc["cli_over_best_api"] = round(cli["tokens_per_s"] / api["best"]["tokens_per_s"], 2)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = re.sub(r"[^a-z0-9]+", "-", machine["cpu"].lower()).strip("-")[:40] or "cpu"
+    stem = f"job-{doc['date'][:10]}-{cpu}-{machine['cores']}c" + ("-smoke" if smoke else "")
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    (out / f"{stem}.md").write_text(markdown(doc))
+    say("job", f"wrote {out / stem}.json and .md")
+    sys.stdout.write(markdown(doc))
+    return 0 if "error" not in cli and "error" not in api else 1
