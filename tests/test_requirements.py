@@ -33,6 +33,12 @@ LOCAL_MODULES = {"handler", "model_build", "bench", "tests"} | {
     p.stem for p in (ROOT / "tests").glob("*.py")
 }
 
+# Imported by the runtime code only when present, and brought by the platform rather than by
+# requirements.txt: the AWS Lambda Python base images ship snapshot_restore_py with their runtime,
+# which is what runs the SnapStart hooks (handler/snapstart.py). A second copy in the image would
+# shadow the runtime's own.
+PLATFORM_PROVIDED = {"snapshot-restore-py"}
+
 # Each pinned file: the extras it resolves, and the pip-compile command in its header (`make lock`).
 LOCKS: dict[str, tuple[tuple[str, ...], str]] = {
     "requirements-dev.txt": (
@@ -194,6 +200,8 @@ def test_every_imported_package_is_declared(dirs: tuple[str, ...], extras: tuple
     runtime image's code from the runtime set, the build CLI from [build], tests and benchmarks
     from any. A package that is only installed as someone else's dependency does not count."""
     allowed = {canonicalize_name(r.name) for r in declared(extras)}
+    if dirs == ("handler",):
+        allowed |= PLATFORM_PROVIDED
     providers = md.packages_distributions()
     undeclared = {}
     for module, where in imported_modules(python_files(*dirs)).items():

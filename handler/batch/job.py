@@ -33,7 +33,6 @@ from handler.batch import locations
 from handler.batch.locations import Location
 from handler.batch.parts import EXTENSIONS, Heads, OutputFormat, Vectors, write_part
 from handler.batch.rows import Fields, Format, Row, format_of, read_rows
-from handler.engine.heads import truncate_dims
 from handler.engine.types import EmbeddingEngine
 
 JOB_FILE = "_job.json"
@@ -113,7 +112,7 @@ def embed_texts(
     max_length: int | None = None,
 ) -> list[Vectors]:
     """The vectors the HTTP API gives for these texts with the same options: the same engine
-    call, and `dimensions` kept and renormalised as the OpenAI dialect does."""
+    call, `dimensions` included."""
     encoded = engine.encode(
         list(texts),
         dense=heads.dense,
@@ -121,10 +120,9 @@ def embed_texts(
         colbert=heads.colbert,
         max_length=max_length,
         truncate=True,
+        dimensions=dimensions,
     )
     dense = encoded.dense
-    if dense is not None and dimensions is not None and dimensions < dense.shape[1]:
-        dense = truncate_dims(dense, dimensions)
     return [
         Vectors(
             tokens=encoded.token_counts[i],

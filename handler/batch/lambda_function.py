@@ -194,7 +194,8 @@ def _counts(rows: Sequence[Row]) -> Counter[bytes]:
 
 
 def check_disk(workdir: Path, rows: int, options: JobOptions, dims: int, tokens: int) -> None:
-    """/tmp is 512 MB by default: a batch whose part cannot fit fails before embedding anything."""
+    """/tmp is 512 MB by default: a batch whose part cannot fit fails before writing it, with the
+    remedy, rather than with a full disk. Its tokens are counted by the embedding itself."""
     per_row = (dims * 4 if options.heads.dense else 0) + 64
     need = rows * per_row + (tokens * (dims * 4 + 8) if options.heads.colbert else tokens * 8)
     free = shutil.disk_usage(workdir).free
@@ -223,9 +224,8 @@ def process_batch(
         rows = rows_of(items, work, workdir)
         good = [r for r in rows if r.ok]
         bad = [r for r in rows if not r.ok]
-        tokens = sum(engine.count_tokens([r.text for r in good])) if good else 0
-        check_disk(workdir, len(good), work.options, engine.info.dims, tokens)
         vectors, summary = embed_within(engine, good, work.options, deadline)
+        check_disk(workdir, len(good), work.options, engine.info.dims, summary.tokens)
         fmt: OutputFormat = work.options.output_format
         name = f"part-{digest}{EXTENSIONS[fmt]}"
         local = workdir / name
