@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.common import say
+from handler.engine.manifest import Precision, load_manifest
 
 OPSET = 17
 DATA_FILE = "model.onnx_data"
@@ -153,16 +154,21 @@ def quantize_plain(fp32: Path, out: Path) -> None:
     # a full-size graph does not fit one protobuf.
     quantize_dynamic(fp32 / "model.onnx", out / "model.onnx", use_external_data_format=True)
     shutil.copyfile(fp32 / "tokenizer.json", out / "tokenizer.json")
-    manifest = json.loads((fp32 / "manifest.json").read_text())
-    _write_manifest(
-        out, manifest["bench_config"], "int8", "onnxruntime quantize_dynamic, default settings"
-    )
+    config = load_manifest(fp32).notes["bench_config"]
+    _write_manifest(out, config, "int8", "onnxruntime quantize_dynamic, default settings")
 
 
-def _write_manifest(out: Path, config: dict[str, Any], precision: str, how: str) -> None:
+def _write_manifest(out: Path, config: dict[str, Any], precision: Precision, how: str) -> None:
     import onnx
 
-    from handler.engine.manifest import file_entry, write_manifest
+    from handler.engine.manifest import (
+        Manifest,
+        OnnxSection,
+        TensorSpec,
+        TokenizerSection,
+        file_entry,
+        write_manifest,
+    )
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     outputs = {o.name for o in graph.graph.output}
@@ -172,37 +178,36 @@ def _write_manifest(out: Path, config: dict[str, Any], precision: str, how: str)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
     write_manifest(
         out,
-        {
-            "model_id": "bge-m3",
-            "recipe": "bge-m3",
-            "precision": precision,
-            "dims": hidden,
-            "max_length": int(config["max_position_embeddings"]) - 2,
-            "vocab_size": int(config["vocab_size"]),
-            "pooling": "cls",
-            "normalize": True,
-            "special_tokens": SPECIAL_TOKENS,
-            "onnx": {
-                "file": "model.onnx",
-                "inputs": [
-                    {"name": n, "dtype": "int64", "shape": ["batch", "sequence"]}
+        Manifest(
+            model_id="bge-m3",
+            recipe="bge-m3",
+            precision=precision,
+            dims=hidden,
+            max_length=int(config["max_position_embeddings"]) - 2,
+            vocab_size=int(config["vocab_size"]),
+            pooling="cls",
+            normalize=True,
+            special_tokens=SPECIAL_TOKENS,
+            onnx=OnnxSection(
+                file="model.onnx",
+                inputs=tuple(
+                    TensorSpec(name=n, dtype="int64", shape=("batch", "sequence"))
                     for n in ("input_ids", "attention_mask")
-                ],
-                "outputs": [
-                    {"name": "dense", "dtype": "float32", "shape": ["batch", hidden]},
-                    {"name": "sparse", "dtype": "float32", "shape": ["batch", "sequence"]},
-                    {
-                        "name": "colbert",
-                        "dtype": "float32",
-                        "shape": ["batch", "sequence_minus_1", hidden],
-                    },
-                ],
-            },
-            "tokenizer": {"file": "tokenizer.json"},
-            "files": {name: vars(file_entry(out / name)) for name in files},
-            "bench_baseline": how,
-            "bench_config": config,
-        },
+                ),
+                outputs=(
+                    TensorSpec(name="dense", dtype="float32", shape=("batch", hidden)),
+                    TensorSpec(name="sparse", dtype="float32", shape=("batch", "sequence")),
+                    TensorSpec(
+                        name="colbert",
+                        dtype="float32",
+                        shape=("batch", "sequence_minus_1", hidden),
+                    ),
+                ),
+            ),
+            tokenizer=TokenizerSection(file="tokenizer.json"),
+            files={name: file_entry(out / name) for name in files},
+            notes={"bench_baseline": how, "bench_config": config},
+        ),
     )
 
 

@@ -1,5 +1,5 @@
-"""bge-m3-lite 0.6.2, issue 5's accurate public peer, built by its own code from the same random
-weights as every other engine.
+"""bge-m3-lite 0.6.2, the accurate public peer the targets compare with, built by its own code from
+the same random weights as every other engine.
 
 bge-m3-lite starts from the Hub's ONNX export of BAAI/bge-m3 (`model.onnx` + `model.onnx_data`, the
 backbone with a `token_embeddings` output), the real `sentencepiece.bpe.model` and the two head

@@ -206,7 +206,6 @@ class Prep:
             "--precision", precision,
             "--out", str(art.path),
             "--force",
-            *self._gate_args(),
         ]  # fmt: skip
         self._cached_or_run(
             art, stamp, "manifest.json", art.name,
@@ -214,16 +213,6 @@ class Prep:
         )  # fmt: skip
         self._describe(art)
         return art
-
-    def _gate_args(self) -> list[str]:
-        """The full-size benchmark model has random weights: after 24 random layers every token's
-        hidden state looks alike, so its five heaviest sparse weights are near-ties that any
-        rounding reorders (fp16 already moves them). The sparse top-5 gate says nothing about such
-        a model, so it is off here, and only here; the dense and ColBERT gates stay on."""
-        if self.size != "full":
-            return []
-        say("prep", "full-size random weights: sparse top-5 gate off (near-tied weights)")
-        return ["--min-sparse-top5", "0"]
 
     # -- plain onnxruntime ------------------------------------------------------------------------
 
@@ -336,6 +325,8 @@ class Prep:
             return
         art.size_mib = dir_size_mib(art.path)
         try:
-            art.manifest = json.loads((art.path / "manifest.json").read_text())
+            document = json.loads((art.path / "manifest.json").read_text())
         except (OSError, ValueError):
-            art.manifest = {}
+            document = {}
+        # What another tool recorded about its artifact (the baselines) sits under "notes".
+        art.manifest = {**document, **document.get("notes", {})}

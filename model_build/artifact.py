@@ -10,9 +10,8 @@ import shutil
 import stat
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-from handler.engine.manifest import MANIFEST_NAME, file_entry
+from handler.engine.manifest import MANIFEST_NAME, FileEntry, file_entry
 
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -30,16 +29,13 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
+def file_entries(directory: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file in the artifact except the manifest itself."""
-    entries: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        if name == MANIFEST_NAME:
-            continue
-        entry = file_entry(path)
-        entries[name] = {"sha256": entry.sha256, "size": entry.size}
-    return entries
+    return {
+        path.relative_to(directory).as_posix(): file_entry(path)
+        for path in sorted(p for p in directory.rglob("*") if p.is_file())
+        if path.name != MANIFEST_NAME or path.parent != directory
+    }
 
 
 def onnx_opset(path: Path) -> int:

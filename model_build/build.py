@@ -1,10 +1,12 @@
 """The build pipeline behind `python -m model_build` (and its Python API):
 
-    fetch -> load -> reference -> [smoothquant] -> export -> attention -> quantize -> validate
-        -> tokenizer -> manifest
+    fetch -> load -> reference -> [smoothquant] -> export -> attention -> quantize -> tokenizer
+        -> manifest (draft) -> validate -> manifest
 
-Everything is written to a staging directory beside --out (same filesystem) and renamed into place
-only after the fidelity gate passes; a failed or interrupted build leaves --out as it was.
+Each stage fills its section of the typed manifest (handler/engine/manifest.py). Everything is
+written to a staging directory beside --out (same filesystem); the gate loads that directory with
+the runtime engine, exactly as the server will, and it is renamed into place only after the gate
+passes: a failed or interrupted build leaves --out as it was.
 
     from model_build.build import BuildOptions, build
     report = build(BuildOptions(out=Path("artifacts/bge-m3-int8"), precision="int8"))
@@ -19,21 +21,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from handler.engine.manifest import write_manifest
+from handler.engine.batching import pad, plan_batches
+from handler.engine.manifest import (
+    Manifest,
+    OnnxSection,
+    QuantizationSection,
+    SourceSection,
+    Thresholds,
+    TokenizerSection,
+    ValidationSection,
+    write_manifest,
+)
 from model_build import (
     artifact,
     attention,
+    faults,
+    gate,
     precision,
     recipes,
     sentencepiece_export,
     source,
     validate,
 )
-from model_build.errors import BuildError, GateFailedError
+from model_build.errors import BuildError
 from model_build.progress import Progress
 from model_build.source import BGE_M3_REPO, Recipe
 from model_build.tokenizer import PreparedTokenizer, prepare_tokenizer
-from model_build.validate import Thresholds
 
 Precision = Literal["int8", "fp16", "fp32"]
 CALIBRATION_MAX_LENGTH = 512
@@ -64,13 +77,13 @@ class BuildOptions:
 @dataclass
 class BuildReport:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: float
 
     @property
-    def validation(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.manifest["validation"]
-        return result
+    def validation(self) -> ValidationSection:
+        assert self.manifest.validation is not None
+        return self.manifest.validation
 
 
 def default_model_id(options: BuildOptions) -> str:
@@ -109,8 +122,10 @@ def check_options(options: BuildOptions) -> None:
             raise BuildError(
                 f"--fault-inject {options.fault_inject!r}: known faults {precision.FAULTS}"
             )
-        if options.precision != "int8":
-            raise BuildError("--fault-inject applies to --precision int8 only")
+        if options.fault_inject == "int8-weight-scale" and options.precision != "int8":
+            raise BuildError("--fault-inject int8-weight-scale applies to --precision int8 only")
+        if options.fault_inject == "sparse-head" and options.recipe != "bge-m3":
+            raise BuildError("--fault-inject sparse-head applies to --recipe bge-m3 only")
     if options.smoothquant_alpha is not None and not 0.0 <= options.smoothquant_alpha <= 1.0:
         raise BuildError("--smoothquant-alpha must be within [0, 1]")
     for name, value in vars(options.thresholds).items():
@@ -150,7 +165,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildRepor
     return BuildReport(out=out, manifest=manifest, seconds=seconds)
 
 
-def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[str, Any]:
+def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> Manifest:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -166,6 +181,7 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
             progress=progress,
         )
         progress.log("fetch", f"using {src.path}")
+        source_section = _source_section(src)
 
     with progress.stage("load", f"{options.recipe} recipe from {src.path}"):
         tok = prepare_tokenizer(src.path)
@@ -184,22 +200,25 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
             )
 
     val_items = validate.load_text_set(options.validation_set or validate.VALIDATION_SET)
+    # A model with a sparse head is also scored on query-passage pairs: one query per text.
+    has_sparse = "sparse" in model.output_names
+    probe_items = validate.with_queries(val_items) if has_sparse else val_items
     with tok.truncating(max_length) as truncating:
-        encoded = validate.encode_set(val_items, truncating)
+        probe = validate.encode_set(probe_items, truncating)
     with progress.stage(
         "reference",
-        f"fp32 PyTorch reference on {len(encoded.ids)} validation texts "
-        f"({sum(encoded.lengths)} tokens, max_length {max_length})",
+        f"fp32 PyTorch reference on {len(val_items)} validation texts"
+        f"{f' and {len(val_items)} queries' if has_sparse else ''} "
+        f"({sum(probe.lengths)} tokens, max_length {max_length})",
     ):
-        reference = validate.run_batched(
-            validate.torch_runner(model.module),
-            encoded,
-            model.output_names,
-            tok.special_tokens["pad"],
-            progress,
-            "torch fp32",
-            stage="reference",
+        reference = validate.run_reference(
+            model.module, probe.ids, model.output_names, tok.special_tokens, progress
         )
+        real = gate.real_model_reference(source_section, model, tok, max_length, progress)
+
+    if options.fault_inject == "sparse-head":
+        progress.log("reference", "FAULT INJECTED: noise on the sparse head after the reference")
+        faults.damage_sparse_head(model)
 
     smooth_report: dict[str, Any] | None = None
     if options.precision == "int8" and options.smoothquant_alpha is not None:
@@ -227,61 +246,127 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
         exported = fused
     final = staging / artifact.ONNX_FILE
     with progress.stage("quantize", f"precision {options.precision}"):
-        if options.precision == "fp32":
-            precision.move_onnx(exported, final)
-            quant: dict[str, Any] = {"method": "none", "note": "fp32 as exported"}
-        elif options.precision == "fp16":
-            quant = precision.to_fp16(exported, final, progress)
-        else:
-            quant = precision.to_int8(
-                exported,
-                final,
-                fault_inject=options.fault_inject,
-                weights=options.int8_weights,
-                progress=progress,
-            )
-            if smooth_report is not None:
-                quant = {**quant, "smoothquant": smooth_report}
-            else:
-                quant = {**quant, "smoothquant": {"applied": False}}
+        quantization = _quantize(exported, final, options, smooth_report, progress)
     shutil.rmtree(work)
-
-    with progress.stage("validate", f"{options.precision} ONNX vs fp32 PyTorch reference"):
-        validation = _validate(final, encoded, reference, model, tok, options, progress)
+    onnx_section = OnnxSection(
+        file=artifact.ONNX_FILE,
+        inputs=recipes.INPUT_SPECS,
+        outputs=recipes.output_specs(model),
+        external_data=recipes.EXTERNAL_DATA,
+        opset=artifact.onnx_opset(final),
+        attention=attention_report,
+    )
 
     with progress.stage("tokenizer", "tokenizer.json, and sentencepiece if it gives the same ids"):
-        (staging / artifact.TOKENIZER_FILE).write_text(tok.to_json(), encoding="utf-8")
-        probes = [item.text for item in val_items]
-        probes += [item.text for item in validate.load_text_set(validate.CALIBRATION_SET)]
-        spm_report = sentencepiece_export.export(tok, staging, probes)
-        if spm_report["used"]:
-            progress.log(
-                "tokenizer",
-                f"sentencepiece.model gives tokenizer.json's ids on all "
-                f"{spm_report['probe_texts']} probe texts; the runtime will use it",
-            )
-        else:
-            progress.log("tokenizer", f"tokenizer.json only: {spm_report['reason']}")
+        tokenizer_section = _write_tokenizer(staging, tok, val_items, progress)
 
-    with progress.stage("manifest", "manifest.json, permissions"):
+    with progress.stage("manifest", "manifest.json (before the gate: the engine loads it)"):
         model_id = default_model_id(options)
-        data = _manifest_data(
-            staging,
-            options,
-            src,
-            model,
-            tok,
-            max_length,
-            model_id,
-            quant,
-            validation,
-            attention_report,
-            spm_report,
+        manifest = Manifest(
+            model_id=model_id,
+            recipe=options.recipe,
+            precision=options.precision,
+            dims=model.dims,
+            max_length=max_length,
+            vocab_size=model.vocab_size,
+            pooling=model.pooling,
+            normalize=model.normalize,
+            special_tokens=tok.special_tokens,
+            tokenizer=tokenizer_section,
+            onnx=onnx_section,
+            files=artifact.file_entries(staging),
+            aliases=tuple(default_aliases(options, model_id, src.repo)),
+            created=int(time.time()),
+            colbert_dims=model.colbert_dims,
+            source=source_section,
+            quantization=quantization,
+            tools=artifact.tool_versions(),
         )
+        write_manifest(staging, manifest)
+
+    with progress.stage("validate", f"{options.precision} as served vs fp32 PyTorch reference"):
+        validation = gate.run(
+            staging,
+            probe,
+            len(val_items),
+            reference,
+            real,
+            precision=options.precision,
+            thresholds=options.thresholds,
+            set_name=(options.validation_set or validate.VALIDATION_SET).name,
+            progress=progress,
+        )
+
+    with progress.stage("manifest", "manifest.json with the gate's figures, permissions"):
+        manifest = manifest.with_sections(validation=validation)
+        write_manifest(staging, manifest)
         artifact.make_world_readable(staging)
-        write_manifest(staging, data)
-        artifact.make_world_readable(staging)
-    return data
+    return manifest
+
+
+def _source_section(src: source.SourceInfo) -> SourceSection:
+    return SourceSection(
+        repo=src.repo,
+        revision=src.revision,
+        requested_revision=src.requested_revision,
+        local_dir=src.local_dir,
+        weights=src.weights_file,
+        files=dict(src.files),
+        sha256_verified=tuple(src.verified),
+    )
+
+
+def _quantize(
+    exported: Path,
+    final: Path,
+    options: BuildOptions,
+    smooth_report: dict[str, Any] | None,
+    progress: Progress,
+) -> QuantizationSection:
+    if options.precision == "fp32":
+        precision.move_onnx(exported, final)
+        return QuantizationSection(method="none", report={"note": "fp32 as exported"})
+    if options.precision == "fp16":
+        report = precision.to_fp16(exported, final, progress)
+        return QuantizationSection(method=str(report["method"]), report=report)
+    report = precision.to_int8(
+        exported,
+        final,
+        fault_inject=options.fault_inject
+        if options.fault_inject in precision.INT8_FAULTS
+        else None,
+        weights=options.int8_weights,
+        progress=progress,
+    )
+    report["smoothquant"] = smooth_report if smooth_report is not None else {"applied": False}
+    return QuantizationSection(
+        method=str(report["method"]),
+        int8_weights="u8" if options.int8_weights == "u8" else "s8",
+        report=report,
+    )
+
+
+def _write_tokenizer(
+    staging: Path, tok: PreparedTokenizer, val_items: list[validate.TextItem], progress: Progress
+) -> TokenizerSection:
+    (staging / artifact.TOKENIZER_FILE).write_text(tok.to_json(), encoding="utf-8")
+    probes = [item.text for item in val_items]
+    probes += [item.text for item in validate.load_text_set(validate.CALIBRATION_SET)]
+    spm = sentencepiece_export.export(tok, staging, probes)
+    if spm.used:
+        progress.log(
+            "tokenizer",
+            f"sentencepiece.model gives tokenizer.json's ids on all {spm.probe_texts} probe "
+            "texts; the runtime will use it",
+        )
+    else:
+        progress.log("tokenizer", f"tokenizer.json only: {spm.reason}")
+    return TokenizerSection(
+        file=artifact.TOKENIZER_FILE,
+        pre_tokenizer=tok.pre_tokenizer,
+        source_pre_tokenizer=tok.original_pre_tokenizer,
+        sentencepiece=spm,
+    )
 
 
 def _smoothquant(
@@ -298,8 +383,8 @@ def _smoothquant(
     with tok.truncating(min(max_length, CALIBRATION_MAX_LENGTH)) as truncating:
         calib = validate.encode_set(items, truncating)
     batches: list[dict[str, torch.Tensor]] = []
-    for group in validate.length_batches(calib.lengths, max_tokens=4096, max_batch=16):
-        ids, mask = validate.pad_batch([calib.ids[i] for i in group], tok.special_tokens["pad"])
+    for group in plan_batches(calib.lengths, token_budget=4096, max_batch=16):
+        ids, mask = pad([calib.ids[i] for i in group], tok.special_tokens["pad"])
         batches.append(
             {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         )
@@ -316,130 +401,4 @@ def _smoothquant(
         "calibration_texts": len(items),
         "calibration_tokens": sum(calib.lengths),
         **report,
-    }
-
-
-def _validate(
-    final: Path,
-    encoded: validate.EncodedSet,
-    reference: list[validate.Outputs],
-    model: recipes.LoadedModel,
-    tok: PreparedTokenizer,
-    options: BuildOptions,
-    progress: Progress,
-) -> dict[str, Any]:
-    started = time.time()
-    try:
-        session = validate.make_session(final)
-        candidate = validate.run_batched(
-            validate.onnx_runner(session),
-            encoded,
-            model.output_names,
-            tok.special_tokens["pad"],
-            progress,
-            f"onnxruntime {options.precision}",
-        )
-        del session
-    except Exception as exc:  # onnxruntime raises its own (untyped) exception classes
-        if options.precision != "fp16":
-            raise
-        # The GPU image's fp16 graph may need kernels the CPU provider lacks: build it anyway,
-        # say so, and record why it was not validated (never invented figures).
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        reason = (
-            f"onnxruntime {artifact.tool_versions()['onnxruntime']} on CPU cannot run this fp16 "
-            f"graph ({first_line}); validate it on a GPU"
-        )
-        progress.log("validate", f"SKIPPED: {reason}")
-        return {"skipped": reason}
-    result = validate.compare(
-        encoded,
-        reference,
-        candidate,
-        recipe=options.recipe,
-        specials=set(tok.special_tokens.values()),
-        thresholds=options.thresholds,
-    )
-    result.extra = {
-        "set": (options.validation_set or validate.VALIDATION_SET).name,
-        "languages": sorted({i.lang for i in encoded.items}),
-        "longest_text_tokens": max(encoded.lengths),
-        "provider": "CPUExecutionProvider",
-        "seconds": round(time.time() - started, 1),
-    }
-    progress.log("validate", validate.format_figures(result))
-    for entry in result.worst:
-        extra = ""
-        if entry.get("colbert_cosine") is not None:
-            extra = f", colbert {entry['colbert_cosine']:.5f}, top-5 {entry['sparse_top5_match']}"
-        progress.log(
-            "validate",
-            f"  worst: dense {entry['dense_cosine']:.5f}{extra} [{entry['lang']}, "
-            f"{entry['tokens']} tok] {entry['text']!r}",
-        )
-    data = result.to_manifest()
-    if not result.passed:
-        raise GateFailedError(
-            f"fidelity gate failed for {options.precision}: {'; '.join(result.failures)}", data
-        )
-    progress.log("validate", "gate passed")
-    return data
-
-
-def _manifest_data(
-    staging: Path,
-    options: BuildOptions,
-    src: source.SourceInfo,
-    model: recipes.LoadedModel,
-    tok: PreparedTokenizer,
-    max_length: int,
-    model_id: str,
-    quant: dict[str, Any],
-    validation: dict[str, Any],
-    attention_report: dict[str, Any],
-    spm_report: dict[str, Any],
-) -> dict[str, Any]:
-    onnx_path = staging / artifact.ONNX_FILE
-    return {
-        "model_id": model_id,
-        "aliases": default_aliases(options, model_id, src.repo),
-        "created": int(time.time()),
-        "source": {
-            "repo": src.repo,
-            "revision": src.revision,
-            "requested_revision": src.requested_revision,
-            "local_dir": src.local_dir,
-            "weights": src.weights_file,
-            "files": {name: {"sha256": digest} for name, digest in src.files.items()},
-            "sha256_verified": src.verified,
-        },
-        "recipe": options.recipe,
-        "precision": options.precision,
-        "dims": model.dims,
-        "colbert_dims": model.colbert_dims,
-        "max_length": max_length,
-        "vocab_size": model.vocab_size,
-        "pooling": model.pooling,
-        "normalize": model.normalize,
-        "special_tokens": tok.special_tokens,
-        "tokenizer": {
-            "file": artifact.TOKENIZER_FILE,
-            "pre_tokenizer": tok.pre_tokenizer,
-            "source_pre_tokenizer": tok.original_pre_tokenizer,
-            "truncation": None,
-            "padding": None,
-            "sentencepiece": spm_report,
-        },
-        "onnx": {
-            "file": artifact.ONNX_FILE,
-            "external_data": recipes.EXTERNAL_DATA,
-            "opset": artifact.onnx_opset(onnx_path),
-            "inputs": recipes.INPUT_SPECS,
-            "outputs": recipes.output_specs(model),
-            "attention": attention_report,
-        },
-        "files": artifact.file_entries(staging),
-        "quantization": quant,
-        "validation": validation,
-        "tools": artifact.tool_versions(),
     }

@@ -13,9 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from handler.engine.manifest import Thresholds
 from model_build.errors import EXIT_INTERNAL, EXIT_OK, FAULTS, BuildError, GateFailedError
 from model_build.source import BGE_M3_REPO, PINNED_REVISION
-from model_build.validate import Thresholds
 
 _T = Thresholds()
 
@@ -103,10 +103,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="mean dense cosine (default %(default)s)",
     )
     gate.add_argument(
-        "--min-sparse-top5",
+        "--max-lexical-error",
         type=_unit_interval,
-        default=_T.min_sparse_top5,
-        help="share of texts whose 5 heaviest sparse token ids are the same set "
+        default=_T.max_lexical_error,
+        help="largest error of the lexical match scores over query-passage pairs, relative to "
+        "their sum (bge-m3; default %(default)s)",
+    )
+    gate.add_argument(
+        "--min-sparse-overlap",
+        type=_unit_interval,
+        default=_T.min_sparse_overlap,
+        help="mean weighted overlap of each text's heaviest sparse tokens "
         "(bge-m3; default %(default)s)",
     )
     gate.add_argument(
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         thresholds=Thresholds(
             min_dense_cosine=args.min_dense_cosine,
             min_dense_mean=args.min_dense_mean,
-            min_sparse_top5=args.min_sparse_top5,
+            max_lexical_error=args.max_lexical_error,
+            min_sparse_overlap=args.min_sparse_overlap,
             min_colbert_mean=args.min_colbert_mean,
         ),
         validation_set=args.validation_set,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
@@ -11,7 +11,8 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 
 # --fault-inject values (a test hook: a deliberately broken build that the gate must refuse).
-FAULTS = ("int8-weight-scale",)
+FAULTS = ("int8-weight-scale", "sparse-head")
+INT8_FAULTS = ("int8-weight-scale",)  # the quantizer's own (model_build/faults.py: the others)
 
 
 class BuildError(Exception):
@@ -28,11 +29,15 @@ class HubUnreachableError(SourceError):
     """The hub cannot be reached and nothing usable is cached."""
 
 
+if TYPE_CHECKING:
+    from handler.engine.manifest import ValidationSection
+
+
 class GateFailedError(Exception):
     """The built model is not faithful enough to the fp32 PyTorch reference; nothing was written."""
 
     exit_code = EXIT_GATE_FAILED
 
-    def __init__(self, message: str, validation: dict[str, Any]):
+    def __init__(self, message: str, validation: ValidationSection):
         super().__init__(message)
         self.validation = validation

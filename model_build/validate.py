@@ -1,47 +1,67 @@
-"""Stage 5, the fidelity gate: the built ONNX model (onnxruntime, CPU) against the fp32 PyTorch
-reference (the unsmoothed torch model with the same heads) on the validation set.
+"""Stage validate, the fidelity gate: the staged artifact as the server runs it, against the fp32
+PyTorch reference (the unsmoothed torch model with the same heads) on the validation set.
 
-Figures: dense cosine (min, mean); sparse top-5 agreement (per text, the 5 heaviest token ids after
-the engine's post-processing, max weight per id, specials and weights <= 0 dropped, compared as
-sets); ColBERT mean cosine (over real rows, then over texts); the 5 worst texts. A model below any
-threshold fails the build.
+The candidate is loaded by the runtime engine itself (`Engine.load` on the staging directory): the
+manifest the server reads, the sha256 check of every file, the same session options, tokenizer,
+length-sorted batching and head post-processing. The reference's raw outputs go through the
+engine's own batching and head functions (handler/engine/batching.py, heads.py), so the two sides
+differ only in the model. The digests the engine verified are recorded: the gated bytes are the
+served bytes.
+
+Figures: dense cosine (min, mean); sparse (model_build/lexical.py: lexical match score error over
+query-passage pairs, weighted overlap of each text's heaviest tokens); ColBERT mean cosine (over
+real rows, then over texts); the 5 worst texts. A model below any threshold fails the build.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
+from handler.engine import heads
+from handler.engine.batching import pad, plan_batches
+from handler.engine.manifest import (
+    ColbertFigures,
+    DenseFigures,
+    GateFigures,
+    GateSession,
+    TextScore,
+    Thresholds,
+    ValidationSection,
+)
+from handler.engine.types import Encoded
+from model_build import lexical
 from model_build.errors import BuildError
 from model_build.progress import Progress
 
 if TYPE_CHECKING:
     import torch
 
+    from handler.engine.engine import Engine
+
+__all__ = ["Thresholds"]
+
 DATA_DIR = Path(__file__).parent / "data"
 VALIDATION_SET = DATA_DIR / "validation.jsonl"
 CALIBRATION_SET = DATA_DIR / "calibration.jsonl"
-TOP_K = 5
+# A query is a text's opening words: as long as a search query, sharing some tokens with its own
+# text and few with the others, so the pairs cover both strong and weak matches.
+QUERY_CHARS = 48
+# Padded tokens per reference batch: bounded memory for eager attention (batch x heads x S x S)
+# on the full-size model, and a progress line every few batches.
+REFERENCE_TOKEN_BUDGET = 4096
+REFERENCE_MAX_BATCH = 32
+ENGINE_CHUNK_TEXTS = 32  # texts per engine call: a progress line per chunk
 
 FloatArray = NDArray[np.float32]
-Outputs = dict[str, FloatArray]  # per text, unpadded: dense [d], sparse [n], colbert [n-1, d]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_dense_cosine: float = 0.99
-    min_dense_mean: float = 0.997
-    min_sparse_top5: float = 0.90
-    min_colbert_mean: float = 0.99
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,44 +80,9 @@ class EncodedSet:
     def lengths(self) -> list[int]:
         return [len(i) for i in self.ids]
 
-
-@dataclass
-class TextScore:
-    index: int
-    lang: str
-    tokens: int
-    dense_cosine: float
-    sparse_top5_match: bool | None = None
-    sparse_top5_overlap: float | None = None  # |A & B| / |A | B|, informative only
-    sparse_cosine: float | None = None  # of the lexical weight vectors, informative only
-    colbert_cosine: float | None = None
-    text: str = ""
-
-
-@dataclass
-class GateResult:
-    passed: bool
-    figures: dict[str, float]
-    failures: list[str]
-    worst: list[dict[str, Any]]
-    texts: int
-    tokens: int
-    truncated: int
-    thresholds: dict[str, float]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "figures": self.figures,
-            "thresholds": self.thresholds,
-            "failures": self.failures,
-            "worst_texts": self.worst,
-            "texts": self.texts,
-            "tokens": self.tokens,
-            "truncated_texts": self.truncated,
-            **self.extra,
-        }
+    @property
+    def texts(self) -> list[str]:
+        return [i.text for i in self.items]
 
 
 def load_text_set(path: Path) -> list[TextItem]:
@@ -117,6 +102,20 @@ def load_text_set(path: Path) -> list[TextItem]:
     return items
 
 
+def query_of(text: str) -> str:
+    """A text's opening words, cut at a space when there is one (else at QUERY_CHARS)."""
+    head = text.strip()[: QUERY_CHARS + 1]
+    if len(head) <= QUERY_CHARS:
+        return head
+    cut = head.rfind(" ")
+    return head[:cut] if cut > QUERY_CHARS // 2 else head[:QUERY_CHARS]
+
+
+def with_queries(items: list[TextItem]) -> list[TextItem]:
+    """The texts, then one query per text (the gate's lexical pairs are queries x texts)."""
+    return [*items, *(TextItem(lang=i.lang, text=query_of(i.text)) for i in items)]
+
+
 def encode_set(items: list[TextItem], tokenizer: Tokenizer) -> EncodedSet:
     """`tokenizer` truncates (PreparedTokenizer.truncating)."""
     encodings = tokenizer.encode_batch([i.text for i in items])
@@ -125,105 +124,111 @@ def encode_set(items: list[TextItem], tokenizer: Tokenizer) -> EncodedSet:
     return EncodedSet(items=items, ids=ids, truncated=truncated)
 
 
-def length_batches(
-    lengths: Sequence[int], *, max_tokens: int = 8192, max_batch: int = 32
-) -> list[list[int]]:
-    """Indices grouped by similar length (sorted, longest first) so padding stays small; each
-    batch holds at most `max_tokens` padded tokens (one text always fits alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_batch):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+# ---- the two sides --------------------------------------------------------------------------
 
 
-def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    width = max(len(row) for row in ids)
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for r, row in enumerate(ids):
-        input_ids[r, : len(row)] = row
-        mask[r, : len(row)] = 1
-    return input_ids, mask
-
-
-Runner = Callable[[NDArray[np.int64], NDArray[np.int64]], list[FloatArray]]
-
-
-def run_batched(
-    runner: Runner,
-    encoded: EncodedSet,
+def run_reference(
+    module: torch.nn.Module,
+    ids: Sequence[Sequence[int]],
     output_names: Sequence[str],
-    pad_id: int,
+    special_tokens: Mapping[str, int],
     progress: Progress,
-    label: str,
-    stage: str = "validate",
-) -> list[Outputs]:
-    results: list[Outputs | None] = [None] * len(encoded.ids)
-    lengths = encoded.lengths
-    # 4096 padded tokens per batch: bounded memory for eager attention (batch x heads x S x S) on
-    # the full-size model, and a progress line every few batches.
-    batches = length_batches(lengths, max_tokens=4096)
-    total_tokens = sum(lengths)
-    done_tokens = 0
-    done_texts = 0
-    for number, batch in enumerate(batches, start=1):
-        input_ids, mask = pad_batch([encoded.ids[i] for i in batch], pad_id)
-        outputs = runner(input_ids, mask)
-        named = dict(zip(output_names, outputs, strict=True))
-        for row, index in enumerate(batch):
-            n = lengths[index]
-            per_text: Outputs = {"dense": np.asarray(named["dense"][row], dtype=np.float32)}
-            if "sparse" in named:
-                per_text["sparse"] = np.asarray(named["sparse"][row, :n], dtype=np.float32)
-                per_text["colbert"] = np.asarray(named["colbert"][row, : n - 1], dtype=np.float32)
-            results[index] = per_text
-        done_tokens += sum(lengths[i] for i in batch)
-        done_texts += len(batch)
-        progress.tick(
-            stage,
-            f"{label}: {done_texts}/{len(encoded.ids)} texts, "
-            f"{done_tokens}/{total_tokens} tokens (batch {number}/{len(batches)}, "
-            f"{len(batch)}x{input_ids.shape[1]})",
-            force=number == len(batches),
-        )
-    return [r for r in results if r is not None]
-
-
-def torch_runner(module: torch.nn.Module) -> Runner:
+    stage: str = "reference",
+) -> Encoded:
+    """The torch model on `ids`, batched and post-processed by the engine's own functions."""
     import torch
 
-    def run(input_ids: NDArray[np.int64], mask: NDArray[np.int64]) -> list[FloatArray]:
+    lengths = [len(s) for s in ids]
+    n, drop, pad_id = len(ids), set(special_tokens.values()), special_tokens["pad"]
+    dense: list[FloatArray] = [np.empty(0, np.float32)] * n
+    sparse: list[dict[int, float]] = [{} for _ in range(n)]
+    colbert: list[FloatArray] = [np.empty(0, np.float32)] * n
+    batches = plan_batches(lengths, REFERENCE_TOKEN_BUDGET, REFERENCE_MAX_BATCH)
+    done_texts = done_tokens = 0
+    for number, batch in enumerate(batches, start=1):
+        input_ids, mask = pad([ids[i] for i in batch], pad_id)
         with torch.inference_mode():
             out = module(torch.from_numpy(input_ids), torch.from_numpy(mask))
         tensors = out if isinstance(out, tuple) else (out,)
-        return [t.float().numpy() for t in tensors]
+        named = dict(zip(output_names, (t.float().numpy() for t in tensors), strict=True))
+        for row, i in enumerate(batch):
+            dense[i] = named["dense"][row]
+            if "sparse" in named:
+                weights = named["sparse"][row, : lengths[i]]
+                sparse[i] = heads.sparse_weights(input_ids[row, : lengths[i]], weights, drop)
+            if "colbert" in named:
+                colbert[i] = heads.colbert_rows(named["colbert"][row], lengths[i])
+        done_texts += len(batch)
+        done_tokens += sum(lengths[i] for i in batch)
+        progress.tick(
+            stage,
+            f"torch fp32: {done_texts}/{n} texts, {done_tokens}/{sum(lengths)} tokens "
+            f"(batch {number}/{len(batches)}, {len(batch)}x{input_ids.shape[1]})",
+            force=number == len(batches),
+        )
+    has_heads = set(output_names)
+    return Encoded(
+        dense=np.stack(dense).astype(np.float32) if n else np.zeros((0, 0), np.float32),
+        sparse=sparse if "sparse" in has_heads else None,
+        colbert=colbert if "colbert" in has_heads else None,
+        token_counts=lengths,
+    )
 
-    return run
+
+def load_served(model_dir: Path) -> Engine:
+    """The artifact loaded as the server loads it (sha256 of every file checked)."""
+    from handler.engine.engine import Engine, EngineConfig
+
+    return Engine.load(model_dir, EngineConfig(verify="sha256", warmup=False))
 
 
-def onnx_runner(session: Any) -> Runner:
-    def run(input_ids: NDArray[np.int64], mask: NDArray[np.int64]) -> list[FloatArray]:
-        outputs = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
-        return [np.asarray(o, dtype=np.float32) for o in outputs]
+def gate_session(engine: Engine) -> GateSession:
+    config = engine.config
+    return GateSession(
+        loader="handler.engine.engine.Engine.load",
+        provider=str(engine.session.get_providers()[0]),
+        threads=engine.threads,
+        batch_token_budget=config.batch_token_budget,
+        attention_square_budget=config.attention_square_budget,
+        max_batch_size=config.max_batch_size,
+    )
 
-    return run
+
+def tokenizer_mismatches(engine: Engine, encoded: EncodedSet) -> list[int]:
+    """Texts the served tokenizer splits otherwise than the build's (the reference's input)."""
+    served = engine.tokenize(encoded.texts)
+    return [i for i, (a, b) in enumerate(zip(served, encoded.ids, strict=True)) if a != b]
 
 
-def make_session(path: Path) -> Any:
-    import onnxruntime as ort
+def run_engine(engine: Engine, texts: Sequence[str], progress: Progress, label: str) -> Encoded:
+    """engine.encode over every head the model has, a chunk of texts at a time."""
+    parts: list[Encoded] = []
+    asked = {h: True for h in engine.available_heads}
+    for start in range(0, len(texts), ENGINE_CHUNK_TEXTS):
+        parts.append(engine.encode(texts[start : start + ENGINE_CHUNK_TEXTS], **asked))
+        done = min(start + ENGINE_CHUNK_TEXTS, len(texts))
+        progress.tick("validate", f"{label}: {done}/{len(texts)} texts", force=done == len(texts))
+    return _concat(parts)
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+def _concat(parts: Sequence[Encoded]) -> Encoded:
+    dense = [p.dense for p in parts if p.dense is not None]
+    return Encoded(
+        dense=np.concatenate(dense) if dense else None,
+        sparse=_joined([p.sparse for p in parts]),
+        colbert=_joined([p.colbert for p in parts]),
+        token_counts=[c for p in parts for c in p.token_counts],
+    )
+
+
+def _joined(lists: Sequence[list[T] | None]) -> list[T] | None:
+    """One list from a head's per-chunk lists (None: the head was not asked for)."""
+    if not lists or lists[0] is None:
+        return None
+    return [x for part in lists for x in part or []]
+
+
+# ---- the comparison -------------------------------------------------------------------------
 
 
 def _cosine(a: FloatArray, b: FloatArray) -> float:
@@ -248,130 +253,136 @@ def _row_cosines(a: FloatArray, b: FloatArray) -> FloatArray:
     return np.where(both_zero, 1.0, cos).astype(np.float32)
 
 
-def lexical_weights(
-    ids: Sequence[int], weights: FloatArray, specials: set[int]
-) -> dict[int, float]:
-    """The engine's sparse post-processing: max weight per id, specials and weights <= 0 dropped."""
-    out: dict[int, float] = {}
-    for token, weight in zip(ids, weights.tolist(), strict=True):
-        if token in specials or weight <= 0.0:
-            continue
-        if weight > out.get(token, 0.0):
-            out[token] = weight
-    return out
-
-
-def _lexical_cosine(a: dict[int, float], b: dict[int, float]) -> float:
-    if not a and not b:
-        return 1.0
-    dot = sum(w * b.get(t, 0.0) for t, w in a.items())
-    na = math.sqrt(sum(w * w for w in a.values()))
-    nb = math.sqrt(sum(w * w for w in b.values()))
-    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
-
-
-def top_ids(weights: dict[int, float], k: int = TOP_K) -> set[int]:
-    ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))
-    return {token for token, _ in ranked[:k]}
-
-
 def compare(
-    encoded: EncodedSet,
-    reference: list[Outputs],
-    candidate: list[Outputs],
-    *,
-    recipe: str,
-    specials: set[int],
+    probe: EncodedSet,
+    n_texts: int,
+    reference: Encoded,
+    candidate: Encoded,
     thresholds: Thresholds,
-) -> GateResult:
+) -> ValidationSection:
+    """Figures of the candidate against the reference. `probe` is the texts, then (for models
+    with a sparse head) one query per text; dense and ColBERT figures are over the texts."""
+    assert reference.dense is not None and candidate.dense is not None
     scores: list[TextScore] = []
-    for index, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
-        ids = encoded.ids[index]
-        score = TextScore(
-            index=index,
-            lang=encoded.items[index].lang,
-            tokens=len(ids),
-            dense_cosine=_cosine(ref["dense"], cand["dense"]),
-            text=encoded.items[index].text,
+    overlaps: list[float | None] = [None] * n_texts
+    colbert: list[float | None] = [None] * n_texts
+    for i in range(n_texts):
+        if reference.sparse is not None and candidate.sparse is not None:
+            overlaps[i] = lexical.top_overlap(reference.sparse[i], candidate.sparse[i])
+        if reference.colbert is not None and candidate.colbert is not None:
+            rows = _row_cosines(reference.colbert[i], candidate.colbert[i])
+            colbert[i] = float(rows.mean()) if rows.size else 1.0
+        scores.append(
+            TextScore(
+                index=i,
+                lang=probe.items[i].lang,
+                tokens=probe.lengths[i],
+                dense_cosine=_cosine(reference.dense[i], candidate.dense[i]),
+                sparse_top_overlap=overlaps[i],
+                colbert_cosine=colbert[i],
+                text=probe.items[i].text,
+            )
         )
-        if recipe == "bge-m3":
-            ref_lex = lexical_weights(ids, ref["sparse"], specials)
-            cand_lex = lexical_weights(ids, cand["sparse"], specials)
-            ref_top, cand_top = top_ids(ref_lex), top_ids(cand_lex)
-            score.sparse_top5_match = ref_top == cand_top
-            union = ref_top | cand_top
-            score.sparse_top5_overlap = len(ref_top & cand_top) / len(union) if union else 1.0
-            score.sparse_cosine = _lexical_cosine(ref_lex, cand_lex)
-            rows = _row_cosines(ref["colbert"], cand["colbert"])
-            score.colbert_cosine = float(rows.mean()) if rows.size else 1.0
-        scores.append(score)
-
     dense = np.array([s.dense_cosine for s in scores], dtype=np.float64)
-    figures: dict[str, float] = {
-        "dense_cosine_min": float(dense.min()),
-        "dense_cosine_mean": float(dense.mean()),
-    }
-    checks: list[tuple[str, float, float]] = [
-        ("dense_cosine_min", figures["dense_cosine_min"], thresholds.min_dense_cosine),
-        ("dense_cosine_mean", figures["dense_cosine_mean"], thresholds.min_dense_mean),
+    figures = GateFigures(
+        dense=DenseFigures(
+            cosine_min=round(float(dense.min()), 6), cosine_mean=round(float(dense.mean()), 6)
+        )
+    )
+    checks: list[tuple[str, float, float, bool]] = [  # name, value, limit, higher is better
+        ("dense_cosine_min", figures.dense.cosine_min, thresholds.min_dense_cosine, True),
+        ("dense_cosine_mean", figures.dense.cosine_mean, thresholds.min_dense_mean, True),
     ]
-    if recipe == "bge-m3":
-        matches = [bool(s.sparse_top5_match) for s in scores]
-        colbert = np.array([s.colbert_cosine for s in scores], dtype=np.float64)
-        figures["sparse_top5_identical"] = sum(matches) / len(matches)
-        figures["sparse_top5_overlap_mean"] = float(
-            np.mean([s.sparse_top5_overlap for s in scores])
+    if reference.sparse is not None and candidate.sparse is not None:
+        sparse = lexical.sparse_figures(
+            reference.sparse[:n_texts],
+            candidate.sparse[:n_texts],
+            reference.sparse[n_texts:],
+            candidate.sparse[n_texts:],
         )
-        figures["sparse_cosine_mean"] = float(np.mean([s.sparse_cosine for s in scores]))
-        figures["colbert_cosine_mean"] = float(colbert.mean())
-        figures["colbert_cosine_min"] = float(colbert.min())
+        figures = GateFigures(dense=figures.dense, sparse=sparse)
+        checks.append(("lexical_error", sparse.lexical_error, thresholds.max_lexical_error, False))
         checks.append(
-            ("sparse_top5_identical", figures["sparse_top5_identical"], thresholds.min_sparse_top5)
+            (
+                "sparse_top_overlap_mean",
+                sparse.top_overlap_mean,
+                thresholds.min_sparse_overlap,
+                True,
+            )
         )
+    if reference.colbert is not None and candidate.colbert is not None:
+        values = np.array([c for c in colbert if c is not None], dtype=np.float64)
+        figures = GateFigures(
+            dense=figures.dense,
+            sparse=figures.sparse,
+            colbert=ColbertFigures(
+                cosine_mean=round(float(values.mean()), 6), cosine_min=round(float(values.min()), 6)
+            ),
+        )
+        assert figures.colbert is not None
         checks.append(
-            ("colbert_cosine_mean", figures["colbert_cosine_mean"], thresholds.min_colbert_mean)
+            ("colbert_cosine_mean", figures.colbert.cosine_mean, thresholds.min_colbert_mean, True)
         )
-    failures = [
-        f"{name} {value:.6f} < {limit}"
-        for name, value, limit in checks
-        if math.isnan(value) or value < limit
-    ]
+    failures = tuple(_failures(checks))
+    return ValidationSection(
+        passed=not failures,
+        figures=figures,
+        thresholds=thresholds,
+        failures=failures,
+        worst_texts=tuple(_worst(scores)),
+        texts=n_texts,
+        queries=len(probe.ids) - n_texts,
+        tokens=sum(probe.lengths[:n_texts]),
+        truncated_texts=probe.truncated,
+        longest_text_tokens=max(probe.lengths[:n_texts]),
+        languages=tuple(sorted({i.lang for i in probe.items[:n_texts]})),
+    )
 
+
+def _failures(checks: Sequence[tuple[str, float, float, bool]]) -> list[str]:
+    failures = []
+    for name, value, limit, higher_is_better in checks:
+        bad = value < limit if higher_is_better else value > limit
+        if bad or np.isnan(value):
+            failures.append(f"{name} {value:.6f} {'<' if higher_is_better else '>'} {limit}")
+    return failures
+
+
+def _worst(scores: Sequence[TextScore], count: int = 5) -> list[TextScore]:
     def badness(s: TextScore) -> tuple[float, float, float]:
         return (
             s.dense_cosine,
-            0.0 if s.sparse_top5_match is False else 1.0,
+            s.sparse_top_overlap if s.sparse_top_overlap is not None else 1.0,
             s.colbert_cosine if s.colbert_cosine is not None else 1.0,
         )
 
     worst = []
-    for s in sorted(scores, key=badness)[:5]:
-        entry = {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(s).items()}
-        entry["text"] = s.text if len(s.text) <= 80 else s.text[:77] + "..."
-        worst.append(entry)
-    used = {
-        "min_dense_cosine": thresholds.min_dense_cosine,
-        "min_dense_mean": thresholds.min_dense_mean,
-    }
-    if recipe == "bge-m3":
-        used["min_sparse_top5"] = thresholds.min_sparse_top5
-        used["min_colbert_mean"] = thresholds.min_colbert_mean
-    return GateResult(
-        passed=not failures,
-        figures={k: round(v, 6) for k, v in figures.items()},
-        failures=failures,
-        worst=worst,
-        texts=len(scores),
-        tokens=sum(encoded.lengths),
-        truncated=encoded.truncated,
-        thresholds=used,
-    )
+    for s in sorted(scores, key=badness)[:count]:
+        worst.append(
+            TextScore(
+                index=s.index,
+                lang=s.lang,
+                tokens=s.tokens,
+                dense_cosine=round(s.dense_cosine, 6),
+                sparse_top_overlap=None
+                if s.sparse_top_overlap is None
+                else round(s.sparse_top_overlap, 6),
+                colbert_cosine=None if s.colbert_cosine is None else round(s.colbert_cosine, 6),
+                text=s.text if len(s.text) <= 80 else s.text[:77] + "...",
+            )
+        )
+    return worst
 
 
-def format_figures(result: GateResult) -> str:
-    parts = [f"dense cosine min {result.figures['dense_cosine_min']:.5f}"]
-    parts.append(f"mean {result.figures['dense_cosine_mean']:.5f}")
-    if "sparse_top5_identical" in result.figures:
-        parts.append(f"sparse top-5 identical {result.figures['sparse_top5_identical']:.3f}")
-        parts.append(f"ColBERT mean cosine {result.figures['colbert_cosine_mean']:.5f}")
+def format_figures(figures: GateFigures) -> str:
+    parts = [f"dense cosine min {figures.dense.cosine_min:.5f}"]
+    parts.append(f"mean {figures.dense.cosine_mean:.5f}")
+    if figures.sparse is not None:
+        parts.append(f"lexical score error {figures.sparse.lexical_error:.5f}")
+        parts.append(
+            f"top-{figures.sparse.top_k} token overlap {figures.sparse.top_overlap_mean:.4f}"
+        )
+        parts.append(f"(top-5 identical {figures.sparse.top5_identical:.3f}, informative)")
+    if figures.colbert is not None:
+        parts.append(f"ColBERT mean cosine {figures.colbert.cosine_mean:.5f}")
     return ", ".join(parts)

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from handler.engine.manifest import load_manifest, verify_files
+from handler.engine.heads import sparse_weights
+from handler.engine.manifest import Thresholds, load_manifest, verify_files
 from model_build.build import BuildOptions, build
 from model_build.progress import Progress
-from model_build.validate import Thresholds, lexical_weights, load_text_set
+from model_build.validate import load_text_set
 from tests.conftest import DATA_DIR, REPO_ROOT, run_model_build
 
 PARITY_TEXTS = [
@@ -67,7 +68,7 @@ def _run(model_dir: Path, texts: list[str]) -> tuple[dict[str, NDArray[Any]], li
 def _check_artifact(model_dir: Path, *, recipe: str, precision: str) -> dict[str, Any]:
     manifest = load_manifest(model_dir)  # the runtime's own parser
     verify_files(model_dir, manifest, "sha256")
-    raw = manifest.raw
+    raw: dict[str, Any] = json.loads((model_dir / "manifest.json").read_text())
     assert raw["recipe"] == recipe and raw["precision"] == precision
     files = {"model.onnx", "model.onnx_data", "tokenizer.json"}
     if recipe == "bge-m3":  # the XLM-R Unigram vocabulary also goes to sentencepiece
@@ -123,11 +124,14 @@ def test_tiny_fp32_manifest(tiny_fp32: Path) -> None:
     assert raw["source"]["local_dir"] and raw["source"]["repo"] is None
     assert raw["source"]["weights"] == "pytorch_model.bin"
     assert raw["quantization"]["method"] == "none"
-    validation = raw["validation"]
-    assert validation["passed"] is True
-    assert validation["figures"]["dense_cosine_min"] > 0.99999
-    assert validation["figures"]["sparse_top5_identical"] == 1.0
-    assert validation["texts"] >= 110 and len(validation["worst_texts"]) == 5
+    validation = load_manifest(tiny_fp32).validation
+    assert validation is not None and validation.passed is True
+    assert validation.figures is not None and validation.figures.sparse is not None
+    assert validation.figures.dense.cosine_min > 0.99999
+    assert validation.figures.sparse.lexical_error < 1e-4
+    assert validation.figures.sparse.top_overlap_min > 0.9999
+    assert validation.texts >= 110 and validation.queries == validation.texts
+    assert len(validation.worst_texts) == 5
 
 
 def test_tiny_fp32_outputs(tiny_fp32: Path) -> None:
@@ -192,7 +196,7 @@ def test_tiny_fp32_parity_with_flagembedding(tiny_fp32: Path, bge_m3_source: Pat
     specials = {0, 1, 2, 3}
     for i, seq in enumerate(ids):
         np.testing.assert_allclose(out["dense"][i], ref["dense_vecs"][i], atol=1e-5)
-        ours = lexical_weights(seq, out["sparse"][i, : len(seq)], specials)
+        ours = sparse_weights(np.array(seq), out["sparse"][i, : len(seq)], specials)
         theirs = {int(k): float(v) for k, v in ref["lexical_weights"][i].items() if v > 0}
         assert ours.keys() == theirs.keys()
         for token, weight in theirs.items():
@@ -211,13 +215,15 @@ def test_tokenizer_matches_reference_cases(tiny_fp32: Path) -> None:
 
 def test_tiny_int8(tiny_int8: Path) -> None:
     raw = _check_artifact(tiny_int8, recipe="bge-m3", precision="int8")
-    quant = raw["quantization"]
+    quant = raw["quantization"]["report"]
+    assert raw["quantization"]["int8_weights"] == "s8"
     assert quant["smoothquant"]["applied"] is True and quant["smoothquant"]["alpha"] == 0.5
     assert quant["kept_fp32"], "the quantizer must say what it kept in fp32 and why"
     assert all(entry["why"] for entry in quant["kept_fp32"])
-    validation = raw["validation"]
-    print("tiny int8 gate figures:", validation["figures"])
-    assert validation["passed"] is True
+    validation = load_manifest(tiny_int8).validation
+    assert validation is not None
+    print("tiny int8 gate figures:", validation.figures)
+    assert validation.passed is True
     out, _ = _run(tiny_int8, ["int8 smoke test"])
     assert out["dense"].dtype == np.float32 and out["colbert"].shape[2] == 32
 
@@ -230,16 +236,16 @@ def tiny_fp16(tmp_path_factory: pytest.TempPathFactory, bge_m3_source: Path) -> 
         BuildOptions(out=out, source=str(bge_m3_source), precision="fp16"),
         Progress(quiet=True),
     )
-    assert report.out == out and report.manifest["precision"] == "fp16"
+    assert report.out == out and report.manifest.precision == "fp16"
     return out
 
 
 def test_tiny_fp16(tiny_fp16: Path) -> None:
     raw = _check_artifact(tiny_fp16, recipe="bge-m3", precision="fp16")
     assert raw["quantization"]["method"] == "fp16"
-    validation = raw["validation"]
+    validation = load_manifest(tiny_fp16).validation
     # onnxruntime 1.31's CPU provider runs the fp16 graph; where it cannot, the build records why.
-    assert validation.get("passed") is True or validation.get("skipped"), validation
+    assert validation is not None and (validation.passed or validation.skipped), validation
     out, _ = _run(tiny_fp16, ["fp16 keeps float32 inputs and outputs"])
     assert out["dense"].dtype == np.float32
 
@@ -268,16 +274,19 @@ def test_minilm_fp32_matches_sentence_transformers(minilm_fp32: Path, minilm_sou
 
 
 def test_minilm_int8_gate(minilm_int8: Path) -> None:
-    raw = _check_artifact(minilm_int8, recipe="dense", precision="int8")
-    figures = raw["validation"]["figures"]
+    _check_artifact(minilm_int8, recipe="dense", precision="int8")
+    validation = load_manifest(minilm_int8).validation
+    assert validation is not None and validation.figures is not None
+    dense = validation.figures.dense
     print(
-        f"MiniLM int8 vs fp32 PyTorch: dense cosine min {figures['dense_cosine_min']:.5f}, "
-        f"mean {figures['dense_cosine_mean']:.5f} over {raw['validation']['texts']} texts"
+        f"MiniLM int8 vs fp32 PyTorch: dense cosine min {dense.cosine_min:.5f}, "
+        f"mean {dense.cosine_mean:.5f} over {validation.texts} texts"
     )
-    assert raw["validation"]["passed"] is True
+    assert validation.passed is True
+    assert validation.figures.sparse is None and validation.queries == 0  # no sparse head
     defaults = Thresholds()
-    assert figures["dense_cosine_min"] >= defaults.min_dense_cosine
-    assert figures["dense_cosine_mean"] >= defaults.min_dense_mean
+    assert dense.cosine_min >= defaults.min_dense_cosine
+    assert dense.cosine_mean >= defaults.min_dense_mean
 
 
 # --- the gate and the CLI's errors ----------------------------------------------------------
@@ -293,21 +302,29 @@ def _small_validation_set(tmp_path: Path, count: int = 24) -> Path:
     return path
 
 
+def _faulty_build(
+    tmp_path: Path, source: Path, fault: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """A build into tmp_path/out with a deliberate fault, on a fifth of the validation set."""
+    validation = _small_validation_set(tmp_path)
+    return run_model_build(
+        [
+            "--source", str(source), *args,
+            "--validation-set", str(validation),
+            "--fault-inject", fault,
+            "--out", str(tmp_path / "out"),
+        ],
+        check=False,
+    )  # fmt: skip
+
+
 def test_gate_refuses_corrupted_int8_weights(tmp_path: Path, minilm_source: Path) -> None:
     # GIVEN an existing, empty --out and an int8 build whose weight scales are deliberately wrong
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_model_build(
-        [
-            "--source", str(minilm_source),
-            "--recipe", "dense",
-            "--precision", "int8",
-            "--no-smoothquant",
-            "--validation-set", str(_small_validation_set(tmp_path)),
-            "--fault-inject", "int8-weight-scale",
-            "--out", str(out),
-        ],
-        check=False,
+    proc = _faulty_build(
+        tmp_path, minilm_source, "int8-weight-scale",
+        "--recipe", "dense", "--precision", "int8", "--no-smoothquant",
     )  # fmt: skip
     # THEN the gate refuses (exit 1), says why, and nothing reaches --out
     assert proc.returncode == 1, proc.stderr
@@ -373,27 +390,146 @@ def test_fp16_that_cpu_cannot_run_is_built_but_marked_skipped(
 ) -> None:
     """Where onnxruntime's CPU provider has no fp16 kernel, the figures are not invented: the
     manifest says why validation was skipped. Any other precision that cannot run is an error."""
-    from types import SimpleNamespace
-
-    from model_build import build as build_module
-    from model_build import validate
+    from handler.engine.errors import ModelLoadError
+    from handler.engine.types import Encoded
+    from model_build import gate, validate
     from model_build.validate import EncodedSet, TextItem
 
     def no_kernel(path: Path) -> Any:
-        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find a kernel")
+        cause = RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find a kernel")
+        raise ModelLoadError(f"{path}: cannot be loaded ({cause})") from cause
 
-    monkeypatch.setattr(validate, "make_session", no_kernel)
-    encoded = EncodedSet(items=[TextItem("en", "x")], ids=[[0, 5, 2]], truncated=0)
+    monkeypatch.setattr(validate, "load_served", no_kernel)
+    probe = EncodedSet(items=[TextItem("en", "x")], ids=[[0, 5, 2]], truncated=0)
     args: dict[str, Any] = {
-        "final": tmp_path / "model.onnx",
-        "encoded": encoded,
-        "reference": [{"dense": np.ones(4, dtype=np.float32)}],
-        "model": SimpleNamespace(output_names=("dense",)),
-        "tok": SimpleNamespace(special_tokens={"pad": 1}),
+        "staging": tmp_path,
+        "probe": probe,
+        "n_texts": 1,
+        "reference": Encoded(
+            dense=np.ones((1, 4), dtype=np.float32), sparse=None, colbert=None, token_counts=[3]
+        ),
+        "real": gate.RealModelInputs(skipped="no sparse head"),
+        "thresholds": Thresholds(),
+        "set_name": "validation.jsonl",
         "progress": Progress(quiet=True),
     }
-    fp16 = BuildOptions(out=tmp_path / "out", precision="fp16")
-    result = build_module._validate(options=fp16, **args)
-    assert set(result) == {"skipped"} and "NOT_IMPLEMENTED" in result["skipped"]
-    with pytest.raises(RuntimeError, match="NOT_IMPLEMENTED"):
-        build_module._validate(options=BuildOptions(out=tmp_path / "o", precision="int8"), **args)
+    result = gate.run(precision="fp16", **args)
+    assert result.passed is False and result.figures is None
+    assert result.skipped is not None and "NOT_IMPLEMENTED" in result.skipped
+    with pytest.raises(ModelLoadError, match="NOT_IMPLEMENTED"):
+        gate.run(precision="int8", **args)
+
+
+# --- the gate runs the served path -------------------------------------------------------------
+
+
+def test_the_gated_bytes_are_the_served_bytes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bge_m3_source: Path
+) -> None:
+    """The gate loads the staging directory with the runtime engine (the server's loader, session
+    options and batching); the files it loaded are, byte for byte, the ones in --out."""
+    from handler.engine.engine import Engine
+    from handler.engine.manifest import sha256_file
+    from model_build import validate
+
+    seen: dict[str, Any] = {}
+    load_served = validate.load_served
+
+    def spy(model_dir: Path) -> Engine:
+        engine = load_served(model_dir)
+        seen["dir"] = model_dir
+        seen["digests"] = {
+            p.name: sha256_file(p) for p in model_dir.iterdir() if p.name != "manifest.json"
+        }
+        seen["options"] = engine.session.get_session_options()
+        return engine
+
+    monkeypatch.setattr(validate, "load_served", spy)
+    out = tmp_path / "tiny-int8"
+    report = build(
+        BuildOptions(
+            out=out,
+            source=str(bge_m3_source),
+            precision="int8",
+            validation_set=_small_validation_set(tmp_path),
+        ),
+        Progress(quiet=True),
+    )
+    # THEN the engine loaded the staging directory, never --out itself
+    assert seen["dir"].parent == out.parent and seen["dir"] != out
+    validation = report.validation
+    served = {p.name: sha256_file(p) for p in out.iterdir() if p.name != "manifest.json"}
+    assert seen["digests"] == served == validation.gated_files
+    assert {n: e.sha256 for n, e in load_manifest(out).files.items()} == served
+    # AND the server's engine runs the model with the same session options and budgets
+    engine = Engine.load(out)
+    options = engine.session.get_session_options()
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level"):
+        assert getattr(options, name) == getattr(seen["options"], name), name
+    assert validation.session is not None
+    assert validation.session.loader == "handler.engine.engine.Engine.load"
+    assert validation.session.threads == engine.threads
+    assert validation.session.batch_token_budget == engine.config.batch_token_budget
+    assert validation.real_model is not None and validation.real_model.skipped
+
+
+def test_gate_refuses_a_damaged_sparse_head(tmp_path: Path, bge_m3_source: Path) -> None:
+    # GIVEN a build whose sparse head is off (noise on its weights) while dense and ColBERT are not
+    out = tmp_path / "out"
+    proc = _faulty_build(tmp_path, bge_m3_source, "sparse-head", "--precision", "fp32")
+    # THEN the gate refuses it on the sparse measures alone
+    assert proc.returncode == 1, proc.stderr
+    failure = proc.stderr.split("fidelity gate failed for fp32:")[1].splitlines()[0]
+    assert "lexical_error" in failure and "sparse_top_overlap_mean" in failure
+    assert "dense" not in failure and "colbert" not in failure
+    assert "real-model check skipped" in proc.stderr
+    assert not out.exists()
+
+
+def _flagembedding_weights(source: Path, texts: list[str]) -> list[dict[int, float]]:
+    from FlagEmbedding import BGEM3FlagModel
+
+    model = BGEM3FlagModel(str(source), use_fp16=False, devices="cpu")
+    out = model.encode(texts, batch_size=4, max_length=8192, return_sparse=True)
+    return [{int(t): float(w) for t, w in row.items() if w > 0} for row in out["lexical_weights"]]
+
+
+def test_real_model_comparison_with_computed_weights(
+    tmp_path: Path, bge_m3_source: Path, tiny_fp32: Path, tiny_int8: Path
+) -> None:
+    """The comparison against a recorded reference, with a reference whose weights are known:
+    FlagEmbedding's on the tiny fixture's weights, for the 11 recorded texts."""
+    from handler.engine.engine import Engine
+    from model_build import real_reference
+
+    texts = real_reference.load_recorded().sentences
+    path = tmp_path / "embeddings_ref.json"
+    expected = _flagembedding_weights(bge_m3_source, texts)
+    rows = [{str(t): w for t, w in row.items()} for row in expected]
+    document = {"sentences": texts, "lexical_weights": rows}
+    path.write_text(json.dumps(document))
+    recorded = real_reference.load_recorded(path)
+    assert recorded.weights == expected
+
+    def weights(model_dir: Path) -> list[dict[int, float]]:
+        encoded = Engine.load(model_dir).encode(texts, dense=False, sparse=True)
+        assert encoded.sparse is not None
+        return encoded.sparse
+
+    fp32, int8 = weights(tiny_fp32), weights(tiny_int8)
+    limits = Thresholds()
+    # THEN our fp32 and int8 builds agree with them
+    check = real_reference.check(recorded.weights, fp32, int8, limits)
+    assert check.passed, check.failures
+    assert check.fp32 is not None and check.fp32.max_weight_error < 1e-4
+    assert check.built is not None and check.built.lexical_error < limits.max_lexical_error
+    # AND a reference off by 0.01 in one weight refuses the fp32 side
+    off = [dict(row) for row in recorded.weights]
+    token = next(iter(off[1]))
+    off[1][token] += 0.01
+    refused = real_reference.check(off, fp32, int8, limits)
+    assert not refused.passed and "fp32 reference" in refused.failures[0]
+    # AND a built model whose weights are all 8% high is refused on the lexical scores
+    high = [{t: w * 1.08 for t, w in row.items()} for row in int8]
+    refused = real_reference.check(recorded.weights, fp32, high, limits)
+    assert [f.split(" built ")[1].split()[0] for f in refused.failures] == ["lexical_error"]

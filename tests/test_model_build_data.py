@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from handler.engine.manifest import SourceSection, Thresholds
+from model_build import lexical, real_reference
 from model_build.source import (
     BGE_M3_REPO,
     PINNED_REVISION,
@@ -21,12 +23,11 @@ from model_build.source import (
 from model_build.tokenizer import prepare_tokenizer
 from model_build.validate import (
     CALIBRATION_SET,
+    QUERY_CHARS,
     VALIDATION_SET,
     TextItem,
-    length_batches,
-    lexical_weights,
     load_text_set,
-    top_ids,
+    query_of,
 )
 
 REQUIRED_LANGS = {"en", "zh", "ja", "ko", "ru", "ar", "hi", "de", "es", "fr"}
@@ -116,19 +117,102 @@ def test_source_defaults() -> None:
     assert ("colbert_linear.pt",) in REQUIRED_FILES["bge-m3"]
 
 
-def test_length_batches_cover_every_text_once() -> None:
-    lengths = [3, 1200, 50, 50, 8, 700, 9, 3000, 1]
-    batches = length_batches(lengths, max_tokens=2048, max_batch=4)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) <= 4
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 2048
+def _near_ties(count: int = 12, seed: int = 3) -> tuple[dict[int, float], dict[int, float]]:
+    """Weights as a random-weight model gives them (every token about 0.3), and the same weights
+    0.1% off, as a faithful int8 build gives them."""
+    rng = np.random.default_rng(seed)
+    reference = {100 + t: 0.3 + float(rng.normal(0, 1e-4)) for t in range(count)}
+    candidate = {t: w * (1 + float(rng.normal(0, 1e-3))) for t, w in reference.items()}
+    return reference, candidate
 
 
-def test_lexical_weights_and_top_ids() -> None:
-    ids = [0, 10, 11, 10, 3, 12, 2, 1]
-    weights = np.array([9.0, 0.2, 0.0, 0.5, 7.0, -1.0, 8.0, 6.0], dtype=np.float32)
-    got = lexical_weights(ids, weights, {0, 1, 2, 3})
-    assert got == {10: pytest.approx(0.5)}  # max per id; specials, zeros, negatives dropped
-    assert top_ids({1: 0.5, 2: 0.9, 3: 0.9, 4: 0.1, 5: 0.3, 6: 0.2}, k=3) == {2, 3, 1}
+def test_sparse_measures_are_stable_under_near_ties() -> None:
+    texts_ref, texts_cand = zip(*(_near_ties(seed=s) for s in range(20)), strict=True)
+    # GIVEN near-tied weights: the five heaviest ids of most texts change with a 0.1% error
+    identical = [
+        set(lexical.top_ids(r, 5)) == set(lexical.top_ids(c, 5))
+        for r, c in zip(texts_ref, texts_cand, strict=True)
+    ]
+    assert sum(identical) / len(identical) < 0.9
+    # THEN the lexical scores and the weighted top overlap see a 0.1% error, and the gate passes
+    figures = lexical.sparse_figures(texts_ref, texts_cand, texts_ref, texts_cand)
+    limits = Thresholds()
+    assert figures.lexical_error < 0.005 <= limits.max_lexical_error
+    assert figures.top_overlap_mean > 0.99 >= limits.min_sparse_overlap
+    assert figures.pairs == 400 and figures.top5_identical == sum(identical) / len(identical)
+
+
+def test_sparse_measures_catch_a_damaged_head() -> None:
+    rng = np.random.default_rng(7)
+    texts_ref = [
+        dict(zip(rng.choice(5000, 30).tolist(), rng.uniform(0, 0.3, 30).tolist(), strict=True))
+        for _ in range(20)
+    ]
+    # GIVEN a head whose weights are off by 25% (noise), another that lost its weakest half
+    noisy = [{t: w * (1 + 0.25 * float(rng.normal())) for t, w in r.items()} for r in texts_ref]
+    halved = [{t: w for t, w in r.items() if w > 0.15} for r in texts_ref]
+    limits = Thresholds()
+    for damaged in (noisy, halved):
+        figures = lexical.sparse_figures(texts_ref, damaged, texts_ref, damaged)
+        # THEN the gate refuses on the lexical score error
+        assert figures.lexical_error > limits.max_lexical_error, figures
+
+
+def test_top_overlap_and_top_ids() -> None:
+    assert lexical.top_ids({1: 0.5, 2: 0.9, 3: 0.9, 4: 0.1, 5: 0.3, 6: 0.2}, k=3) == [2, 3, 1]
+    # a token that left the top list still counts with its weight on the other side
+    reference = {1: 0.5, 2: 0.4, 3: 0.39}
+    candidate = {1: 0.5, 2: 0.39, 3: 0.4}
+    assert lexical.top_overlap(reference, candidate, k=2) == pytest.approx(1.28 / 1.30)
+    assert lexical.top_overlap({}, {}) == 1.0
+    assert lexical.top_overlap({1: 0.5}, {}) == 0.0
+
+
+def test_score_errors_of_empty_rows() -> None:
+    reference = np.array([[0.0, 0.0], [1.0, 1.0]])
+    assert lexical.score_errors(reference, reference).tolist() == [0.0, 0.0]
+    wrong = np.array([[0.5, 0.0], [1.0, 0.5]])
+    assert lexical.score_errors(reference, wrong).tolist() == [1.0, 0.25]
+    assert lexical.total_score_error(reference, wrong) == pytest.approx(1.0 / 2.0)
+
+
+def test_queries_are_the_opening_words() -> None:
+    text = "The quick brown fox jumps over the lazy dog and keeps running far away from here"
+    query = query_of(text)
+    assert text.startswith(query) and len(query) <= QUERY_CHARS and not query.endswith(" ")
+    assert query_of("短い") == "短い"
+    assert query_of("漢" * 100) == "漢" * QUERY_CHARS
+
+
+def test_real_model_check_applies_only_to_the_pinned_bge_m3() -> None:
+    pinned = SourceSection(repo=BGE_M3_REPO, revision=PINNED_REVISION)
+    assert real_reference.skip_reason(pinned) is None
+    for other in (
+        SourceSection(repo=BGE_M3_REPO, revision="0" * 40),
+        SourceSection(repo="someone/bge-m3-copy", revision=PINNED_REVISION),
+        SourceSection(local_dir="/models/bge-m3"),
+    ):
+        reason = real_reference.skip_reason(other)
+        assert reason is not None and "do not apply" in reason
+    recorded = real_reference.load_recorded()
+    assert len(recorded.sentences) == len(recorded.weights) == 11
+    assert recorded.weights[9] == {}  # the empty text has no lexical weights
+
+
+def test_int8_measurements_are_the_benchmarks_own() -> None:
+    """The one data file the int8 report cites holds the benchmark's entries unchanged."""
+    from model_build.int8 import report
+
+    data = report.measurements()
+    results = Path(__file__).resolve().parent.parent / "bench" / "results"
+    accuracy = json.loads((results / "int8_forms_accuracy.json").read_text())
+    speed = json.loads((results / "int8_forms_speed.json").read_text())
+    rerun = json.loads((results / "int8_forms_speed_rerun.json").read_text())
+    for key, figures in data["accuracy_dense_cosine"].items():
+        assert accuracy[key] == figures, key
+    assert data["speed"] == speed
+    assert {k: v for k, v in data["speed_rerun"].items() if k != "note"} == rerun
+    assert data["chosen"]["accuracy"] in data["accuracy_dense_cosine"]
+    assert data["chosen"]["speed"] in data["speed"]
+    cited = report.cited_measurements()
+    assert cited["chosen_accuracy_dense_cosine"] == accuracy[data["chosen"]["accuracy"]]

@@ -241,13 +241,15 @@ def test_download_at_non_pinned_revision_builds(fake_hub: FakeHub, tmp_path: Pat
     # AND the manifest records the repo and the commit the revision resolved to
     manifest = load_manifest(out)
     verify_files(out, manifest)
-    source = manifest.raw["source"]
-    assert source["repo"] == TEST_REPO
-    assert source["revision"] == TEST_COMMIT
-    assert source["requested_revision"] == "main"
-    assert source["local_dir"] is None
-    assert manifest.raw["aliases"] == [TEST_REPO]
-    assert manifest.raw["validation"]["passed"] is True
+    source = manifest.source
+    assert source.repo == TEST_REPO
+    assert source.revision == TEST_COMMIT
+    assert source.requested_revision == "main"
+    assert source.local_dir is None
+    assert manifest.aliases == (TEST_REPO,)
+    assert manifest.validation is not None and manifest.validation.passed is True
+    assert manifest.validation.real_model is not None
+    assert manifest.validation.real_model.skipped is not None  # not BAAI/bge-m3 itself
     assert str(out) in proc.stdout
 
 

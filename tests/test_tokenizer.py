@@ -26,7 +26,7 @@ CASES = json.loads((DATA_DIR / "tokenizer_cases.json").read_text(encoding="utf-8
 def _backends(artifact: Path) -> tuple[HuggingFaceBackend, SentencePieceBackend]:
     manifest = load_manifest(artifact)
     spm = manifest.sentencepiece
-    assert spm is not None, manifest.raw["tokenizer"]["sentencepiece"]
+    assert spm is not None, manifest.tokenizer.sentencepiece
     return (
         HuggingFaceBackend(artifact / manifest.tokenizer_file),
         SentencePieceBackend(artifact / spm.model_file, artifact / spm.frontend_file, cls=0, sep=2),
@@ -51,8 +51,8 @@ def test_the_bge_m3_artifact_serves_with_sentencepiece(tiny_fp32: Path) -> None:
     # GIVEN an artifact built from the real XLM-R tokenizer.json
     manifest = load_manifest(tiny_fp32)
     # THEN the build proved the sentencepiece files and the runtime loads them
-    section = manifest.raw["tokenizer"]["sentencepiece"]
-    assert section["used"] is True and section["probe_texts"] > 1000
+    section = manifest.tokenizer.sentencepiece
+    assert section is not None and section.used is True and section.probe_texts > 1000
     assert TextTokenizer.load(tiny_fp32, manifest).backend.name == "sentencepiece"
 
 
@@ -105,14 +105,15 @@ def test_export_is_refused_when_the_ids_would_differ(tmp_path: Path, tiny_fp32: 
     # WHEN the build exports it
     report = sentencepiece_export.export(prepared, out, ["hello world"])
     # THEN nothing is written and the manifest section says why
-    assert report["used"] is False and "tokenize differently" in report["reason"]
+    assert report.used is False and report.reason and "tokenize differently" in report.reason
     assert sorted(p.name for p in out.iterdir()) == []
 
 
 def test_wordpiece_models_keep_tokenizer_json(minilm_fp32: Path) -> None:
     manifest = load_manifest(minilm_fp32)
     assert manifest.sentencepiece is None
-    assert "not Unigram" in manifest.raw["tokenizer"]["sentencepiece"]["reason"]
+    section = manifest.tokenizer.sentencepiece
+    assert section is not None and section.reason is not None and "not Unigram" in section.reason
     assert TextTokenizer.load(minilm_fp32, manifest).backend.name == "tokenizers"
     assert not (minilm_fp32 / sentencepiece_export.MODEL_FILE).exists()
 

@@ -103,10 +103,8 @@ class Engine(scoring.PairScoring):
             )
 
         engine = cls(manifest, tokenizer, session, config, threads, timings)
-        quant_options = manifest.raw.get("quantization", {}).get("options", {})
         if (
-            manifest.precision == "int8"
-            and quant_options.get("weights", "s8") == "s8"
+            manifest.int8_weights == "s8"
             and session_device(session) == "cpu"
             and x86_without_vnni()
         ):
@@ -141,12 +139,11 @@ class Engine(scoring.PairScoring):
 
     @property
     def info(self) -> ModelInfo:
-        raw = self.manifest.raw
-        source = raw.get("source") or {}
+        source = self.manifest.source
         heads_ = self.available_heads
         return ModelInfo(
             id=self.manifest.model_id,
-            aliases=tuple(str(a) for a in raw.get("aliases", ())),
+            aliases=self.manifest.aliases,
             dims=self.manifest.dims,
             max_length=self.manifest.max_length,
             vocab_size=self.manifest.vocab_size,
@@ -156,9 +153,9 @@ class Engine(scoring.PairScoring):
             recipe=self.manifest.recipe,
             precision=self.manifest.precision,
             fingerprint=self.manifest.fingerprint,
-            source=str(source.get("repo") or source.get("local_dir") or ""),
-            revision=source.get("revision"),
-            created=int(raw.get("created", 0)),
+            source=source.label,
+            revision=source.revision,
+            created=self.manifest.created,
             device=session_device(self.session),
         )
 
