@@ -28,7 +28,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# The project's own top-level packages and every module in tests/ (tests import each other's helpers).
+# The project's own top-level packages and every module in tests/ (tests import each other's).
 LOCAL_MODULES = {"handler", "model_build", "bench", "tests"} | {
     p.stem for p in (ROOT / "tests").glob("*.py")
 }
