@@ -16,7 +16,15 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from handler.engine.types import EmbeddingEngine, Encoded, ModelInfo, ModelRegistry, Scores
+from handler.engine.types import (
+    DEFAULT_SCORE_WEIGHTS,
+    EmbeddingEngine,
+    Encoded,
+    ModelInfo,
+    ModelRegistry,
+    Ranking,
+    Scores,
+)
 from handler.errors import ApiError, Dialect, ErrorKind, invalid
 from handler.logging import RequestRecord
 from handler.settings import Settings
@@ -64,6 +72,35 @@ class Embedded:
 class Scored:
     info: ModelInfo
     scores: Scores
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """One query against documents, as any rerank dialect says it; the naming fields say how the
+    dialect calls its query and documents in messages."""
+
+    dialect: Dialect
+    model: str | None
+    query: str
+    documents: Sequence[str]
+    weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS
+    mode: str | None = None  # None: every component the model has
+    max_length: int | None = None
+    truncate: bool = True
+    query_param: str = "query"
+    param: str = "documents"
+
+
+@dataclass(frozen=True)
+class Reranked:
+    info: ModelInfo
+    ranking: Ranking
+
+    def order(self, top_n: int | None = None) -> list[int]:
+        """Document indices, best first (ties keep input order), at most `top_n` of them."""
+        scores = self.ranking.scores
+        ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return ranked if top_n is None else ranked[:top_n]
 
 
 class Service:
@@ -171,6 +208,42 @@ class Service:
             record, info, inputs, scores.token_counts, scores.timings_ms, scores.batched_with
         )
         return Scored(info, scores)
+
+    def rerank(self, record: RequestRecord, request: RerankRequest) -> Reranked:
+        """The documents scored against the query with BGE-M3's own scores; MAX_INPUTS_* of the
+        dialect bound the documents, MAX_TOKENS_PER_REQUEST the query and documents together."""
+        engine = self.resolve(request.model)
+        info = engine.info
+        if request.query == "":
+            raise invalid(
+                f"'{request.query_param}' is an empty string; send the text to rank against.",
+                param=request.query_param,
+                code="empty_input",
+            )
+        check_texts(
+            request.documents,
+            limit=self.max_inputs(request.dialect),
+            param=request.param,
+            item=request.param + "[{index}]",
+        )
+        ranking = engine.rank(
+            request.query,
+            request.documents,
+            weights=request.weights,
+            mode=request.mode,
+            max_length=self.max_length(info, request.max_length),
+            truncate=request.truncate,
+            max_tokens=self.settings.max_tokens_per_request,
+        )
+        record_run(
+            record,
+            info,
+            1 + len(request.documents),
+            ranking.token_counts,
+            ranking.timings_ms,
+            ranking.batched_with,
+        )
+        return Reranked(info, ranking)
 
     # ---- limits --------------------------------------------------------------------------------
 

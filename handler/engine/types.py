@@ -77,6 +77,18 @@ class Scores:
     batched_with: int = 0  # as in Encoded
 
 
+@dataclass
+class Ranking:
+    """One query against many documents: `scores[i]` is documents[i]'s score in the mode asked
+    for (input order; the caller sorts). `token_counts` holds the query's first."""
+
+    scores: list[float]
+    mode: str  # the components that made the score, e.g. "colbert+sparse+dense"
+    token_counts: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batched_with: int = 0  # as in Encoded
+
+
 class EmbeddingEngine(Protocol):
     """What every dialect needs from a model. `max_length=None` means the model's own limit;
     `truncate=False` turns an over-long input into InputTooLongError instead of cutting it;
@@ -124,6 +136,18 @@ class EmbeddingEngine(Protocol):
         max_length: int | None = None,
         max_tokens: int | None = None,
     ) -> Scores: ...
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        mode: str | None = None,
+        max_length: int | None = None,
+        truncate: bool = True,
+        max_tokens: int | None = None,
+    ) -> Ranking: ...
 
 
 class ModelRegistry:
