@@ -24,6 +24,7 @@ from handler.engine.types import (
     ModelRegistry,
     Ranking,
     Scores,
+    TokenInfo,
 )
 from handler.errors import ApiError, Dialect, ErrorKind, invalid
 from handler.logging import RequestRecord
@@ -101,6 +102,18 @@ class Reranked:
         scores = self.ranking.scores
         ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return ranked if top_n is None else ranked[:top_n]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    info: ModelInfo
+    tokens: list[list[TokenInfo]]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    info: ModelInfo
+    texts: list[str]
 
 
 class Service:
@@ -244,6 +257,42 @@ class Service:
             ranking.batched_with,
         )
         return Reranked(info, ranking)
+
+    def tokenize(
+        self,
+        record: RequestRecord,
+        *,
+        model: str | None,
+        texts: Sequence[str],
+        add_special_tokens: bool,
+        param: str = "inputs",
+    ) -> Tokenized:
+        """The served model's own tokens for each text, uncut (an empty text is fine: it has
+        the template's tokens only). MAX_INPUTS_NATIVE bounds the texts."""
+        engine = self.resolve(model)
+        check_count(len(texts), limit=self.max_inputs("native"), param=param)
+        tokens = engine.tokens(texts, add_special_tokens=add_special_tokens)
+        record.model = engine.info.id
+        record.inputs = len(texts)
+        record.tokens = sum(len(t) for t in tokens)
+        return Tokenized(engine.info, tokens)
+
+    def decode(
+        self,
+        record: RequestRecord,
+        *,
+        model: str | None,
+        ids: Sequence[Sequence[int]],
+        skip_special_tokens: bool,
+        param: str = "ids",
+    ) -> Decoded:
+        engine = self.resolve(model)
+        check_count(len(ids), limit=self.max_inputs("native"), param=param)
+        texts = engine.decode(ids, skip_special_tokens=skip_special_tokens)
+        record.model = engine.info.id
+        record.inputs = len(ids)
+        record.tokens = sum(len(s) for s in ids)
+        return Decoded(engine.info, texts)
 
     # ---- limits --------------------------------------------------------------------------------
 

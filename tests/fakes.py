@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from handler.engine.types import (
     FloatArray,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -107,6 +109,39 @@ class FakeEngine(scoring.PairScoring):
         for token_id, w in weights.items():
             text = self._words.get(token_id, f"tok{token_id}")
             out[text] = max(w, out.get(text, float("-inf")))
+        return out
+
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        out = []
+        for text in texts:
+            words = [
+                TokenInfo(self.word_id(m.group()), m.group(), False, m.start(), m.end())
+                for m in re.finditer(r"\S+", text)
+            ]
+            if add_special_tokens:
+                words = [
+                    TokenInfo(BOS, "<s>", True, None, None),
+                    *words,
+                    TokenInfo(EOS, "</s>", True, None, None),
+                ]
+            out.append(words)
+        return out
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        names = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
+        out = []
+        for index, seq in enumerate(ids):
+            checked = checked_ids(index, seq, self.vocab_size) if seq else []
+            words = [
+                names.get(t) or self._words.get(t, f"tok{t}")
+                for t in checked
+                if not (skip_special_tokens and t in SPECIALS)
+            ]
+            out.append(" ".join(words))
         return out
 
     def encode(

@@ -35,6 +35,7 @@ from handler.engine.types import (
     FloatArray,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,16 @@ class Engine(scoring.PairScoring):
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.tokenizer.token_strings(weights)
+
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        return self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode(
         self,

@@ -35,6 +35,7 @@ from handler.engine.types import (
     Encoded,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,17 @@ class MicroBatcher(scoring.PairScoring):
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.engine.token_strings(weights)
+
+    # Tokenizing runs no forward pass: straight to the engine, in the caller's thread.
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        return self.engine.tokens(texts, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self.engine.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode(
         self,

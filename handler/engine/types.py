@@ -89,6 +89,19 @@ class Ranking:
     batched_with: int = 0  # as in Encoded
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token as the model's tokenizer gives it (text-embeddings-inference's SimpleToken):
+    `text` is the input's own characters [start, stop) (character offsets), or for a token the
+    template added (`<s>`, `</s>`: `special`) its vocabulary entry, with no offsets."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
 class EmbeddingEngine(Protocol):
     """What every dialect needs from a model. `max_length=None` means the model's own limit;
     `truncate=False` turns an over-long input into InputTooLongError instead of cutting it;
@@ -136,6 +149,18 @@ class EmbeddingEngine(Protocol):
         max_length: int | None = None,
         max_tokens: int | None = None,
     ) -> Scores: ...
+
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        """Each text's tokens as encode() would run them before truncation."""
+        ...
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Each id sequence back to text; InputError for an id outside the vocabulary."""
+        ...
 
     def rank(
         self,
