@@ -192,6 +192,7 @@ class Service:
             dimensions=request.dimensions,
         )
         record_run(record, info, n, encoded.token_counts, encoded.timings_ms, encoded.batched_with)
+        record.counts["truncated"] = sum(encoded.truncated)
         return Embedded(engine, encoded)
 
     def score(

@@ -178,7 +178,9 @@ class FakeEngine(scoring.PairScoring):
             truncate=truncate,
             max_tokens=max_tokens,
         )
-        return heads.shortened(self._run(ids, dense, sparse, colbert), dimensions)
+        encoded = self._run(ids, dense, sparse, colbert)
+        encoded.truncated = ids.truncated
+        return heads.shortened(encoded, dimensions)
 
     def encode_ids(
         self,
@@ -201,7 +203,9 @@ class FakeEngine(scoring.PairScoring):
             truncate=truncate,
             max_tokens=max_tokens,
         )
-        return heads.shortened(self._run(checked, dense, sparse, colbert), dimensions)
+        encoded = self._run(checked, dense, sparse, colbert)
+        encoded.truncated = checked.truncated
+        return heads.shortened(encoded, dimensions)
 
     def _run(self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool) -> Encoded:
         asked = {"dense": dense, "sparse": sparse, "colbert": colbert}

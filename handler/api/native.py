@@ -21,7 +21,13 @@ from starlette.requests import Request
 
 from handler.api.body import json_body
 from handler.api.docs import body_doc
-from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.render import (
+    FastJSONResponse,
+    SparseFormat,
+    sparse_out,
+    truncated_flags,
+    usage,
+)
 from handler.api.routing import compute, record_of, service_of
 from handler.engine.types import DEFAULT_SCORE_WEIGHTS, ModelInfo
 from handler.service import EmbedRequest
@@ -86,6 +92,9 @@ class NativeEmbeddingResponse(BaseModel):
     dense_vecs: list[list[float]] | None = None
     sparse_vecs: list[dict[str, Any]] | None = None
     colbert_vecs: list[list[list[float]]] | None = None
+    truncated: list[bool] | None = Field(
+        default=None, description="Per input: cut to max_length. Present only when one was."
+    )
     usage: NativeUsage
 
 
@@ -190,6 +199,9 @@ def embeddings(
         ]
     if encoded.colbert is not None:
         out["colbert_vecs"] = encoded.colbert
+    truncated = truncated_flags(encoded.truncated)
+    if truncated is not None:
+        out["truncated"] = truncated
     out["usage"] = usage(encoded.total_tokens)
     return FastJSONResponse(out)
 

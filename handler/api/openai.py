@@ -22,7 +22,13 @@ from starlette.requests import Request
 
 from handler.api.body import json_body
 from handler.api.docs import body_doc
-from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.render import (
+    FastJSONResponse,
+    SparseFormat,
+    sparse_out,
+    truncated_header,
+    usage,
+)
 from handler.api.routing import compute, record_of, service_of
 from handler.engine.types import ModelInfo
 from handler.service import EmbedRequest
@@ -176,7 +182,8 @@ def create_embeddings(
             "data": items,
             "model": embedded.info.id,
             "usage": usage(encoded.total_tokens),
-        }
+        },
+        headers=truncated_header(encoded.truncated),
     )
 
 

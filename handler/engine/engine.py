@@ -28,7 +28,7 @@ from handler.engine.session import (
     session_device,
     x86_without_vnni,
 )
-from handler.engine.tokenizer import TextTokenizer
+from handler.engine.tokenizer import TextTokenizer, TokenBatch
 from handler.engine.types import (
     Capabilities,
     Encoded,
@@ -194,6 +194,7 @@ class Engine(scoring.PairScoring):
         t = time.perf_counter()
         ids = self.tokenize(texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens)
         encoded = self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        encoded.truncated = ids.truncated
         return heads.shortened(encoded, dimensions)
 
     def encode_ids(
@@ -214,6 +215,7 @@ class Engine(scoring.PairScoring):
             ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        encoded.truncated = checked.truncated
         return heads.shortened(encoded, dimensions)
 
     # The steps of encode() one by one, for a caller that runs them in different threads
@@ -226,7 +228,7 @@ class Engine(scoring.PairScoring):
         max_length: int | None = None,
         truncate: bool = True,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token ids as encode() runs them; bad max_length, over-long inputs and a total over
         `max_tokens` raise here."""
         return self.tokenizer.encode(
@@ -240,7 +242,7 @@ class Engine(scoring.PairScoring):
         max_length: int | None = None,
         truncate: bool = True,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token-id input checked and cut as encode_ids() runs it."""
         limit = self._limit(max_length)
         return self.tokenizer.check_ids(

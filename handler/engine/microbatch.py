@@ -128,6 +128,7 @@ class MicroBatcher(scoring.PairScoring):
             texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        encoded.truncated = ids.truncated
         return shortened(encoded, dimensions)
 
     def encode_ids(
@@ -148,6 +149,7 @@ class MicroBatcher(scoring.PairScoring):
             ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._submit(checked, (dense, sparse, colbert), _ms_since(start))
+        encoded.truncated = checked.truncated
         return shortened(encoded, dimensions)
 
     @property

@@ -248,7 +248,7 @@ class TextTokenizer:
         max_length: int,
         truncate: bool,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token ids per text, special tokens included, cut to `max_length` (or an error)."""
         if max_length <= self.num_special:
             raise InputError(
@@ -273,7 +273,7 @@ class TextTokenizer:
         max_length: int,
         truncate: bool,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token-id input: ids of this vocabulary, range-checked, used as given (cut at the end)."""
         checked = [checked_ids(index, seq, self.vocab_size) for index, seq in enumerate(sequences)]
         return fit(
@@ -338,6 +338,15 @@ def checked_ids(index: int, sequence: Sequence[int], vocab_size: int) -> list[in
     return ids
 
 
+class TokenBatch(list[list[int]]):
+    """Token ids per input, as `fit` leaves them, and which inputs it cut to max_length (so a
+    response can say so without tokenizing again)."""
+
+    def __init__(self, sequences: Sequence[list[int]], truncated: Sequence[bool]):
+        super().__init__(sequences)
+        self.truncated = list(truncated)
+
+
 def fit(
     sequences: Sequence[list[int]],
     cut: Callable[[list[int], int], list[int]],
@@ -345,14 +354,16 @@ def fit(
     max_length: int,
     truncate: bool,
     max_tokens: int | None,
-) -> list[list[int]]:
+) -> TokenBatch:
     """Every sequence cut to `max_length`; then the total of the cut lengths held to
     `max_tokens`; then, without `truncate`, the first over-long input refused. The total comes
     first because `truncate` cannot lift it: a caller told only "too long" would retry with
     truncation and then hear about the total."""
     out: list[list[int]] = []
+    cut_flags: list[bool] = []
     too_long: tuple[int, int] | None = None
     for index, ids in enumerate(sequences):
+        cut_flags.append(len(ids) > max_length)
         if len(ids) > max_length:
             too_long = too_long or (index, len(ids))
             ids = cut(ids, max_length)
@@ -367,7 +378,7 @@ def fit(
             tokens=tokens,
             limit=max_length,
         )
-    return out
+    return TokenBatch(out, cut_flags)
 
 
 def check_total_tokens(lengths: Sequence[int], max_tokens: int | None) -> None:

@@ -57,6 +57,8 @@ class Encoded:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # Other requests whose inputs ran in the same forward passes (micro-batching; 0: alone).
     batched_with: int = 0
+    # Per input: whether it was cut to max_length (empty: the engine did not say).
+    truncated: list[bool] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
