@@ -193,6 +193,7 @@ class Service:
         )
         record_run(record, info, n, encoded.token_counts, encoded.timings_ms, encoded.batched_with)
         record.counts["truncated"] = sum(encoded.truncated)
+        record_sources(record, encoded.sources, cache_on=self.settings.embed_cache_size > 0)
         return Embedded(engine, encoded)
 
     def score(
@@ -346,6 +347,15 @@ def check_texts(texts: Sequence[str], *, limit: int, param: str, item: str) -> N
                 param=param,
                 code="empty_input",
             )
+
+
+def record_sources(record: RequestRecord, sources: Sequence[str], *, cache_on: bool) -> None:
+    """How many inputs shared an identical input's run, and, with the cache on, its hits and
+    misses (a miss is an input that ran)."""
+    record.counts["shared"] = sources.count("shared")
+    if cache_on:
+        record.counts["cache_hits"] = sources.count("cached")
+        record.counts["cache_misses"] = sources.count("computed")
 
 
 def record_run(

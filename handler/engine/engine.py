@@ -19,6 +19,7 @@ import numpy as np
 
 from handler.engine import heads, scoring
 from handler.engine.batching import pad, plan_batches
+from handler.engine.cache import CACHED, COMPUTED, SHARED, EmbedCache, first_occurrences
 from handler.engine.errors import CapabilityError, InputError, ModelLoadError
 from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
 from handler.engine.session import (
@@ -58,6 +59,8 @@ class EngineConfig:
     verify: VerifyMode = "sha256"
     device: Device = "cpu"
     warmup: bool = True
+    # Entries of the in-process LRU cache of per-input outputs (0: no cache). See cache.py.
+    cache_size: int = 0
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Engine(scoring.PairScoring):
     # Parts of the load (tokenizer and session overlap, so they add up to more than load_ms).
     load_timings_ms: dict[str, float] = field(default_factory=dict)
     load_ms: float = 0.0  # the whole load, wall clock
+    cache: EmbedCache | None = None
 
     @classmethod
     def load(cls, model_dir: Path, config: EngineConfig | None = None) -> Engine:
@@ -121,6 +125,8 @@ class Engine(scoring.PairScoring):
             t = time.perf_counter()
             engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
             timings["warmup"] = _ms_since(t)
+        if config.cache_size > 0:  # after the warm-up, which is no one's input
+            engine.cache = EmbedCache(config.cache_size, manifest.fingerprint)
         engine.load_ms = _ms_since(start)
         log.info(
             "loaded %s (%s, %s) from %s on %s with %d threads in %.0f ms",
@@ -293,6 +299,8 @@ class Engine(scoring.PairScoring):
     def _run(
         self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool, *, tokenize_ms: float
     ) -> Encoded:
+        """Rows with the same ids run once (the first of them) and the others share its outputs;
+        with a cache, rows it holds do not run at all. `Encoded.sources` says which was which."""
         wanted = self._wanted(dense, sparse, colbert)
         n = len(ids)
         dense_out = np.zeros((n, self.manifest.dims), dtype=np.float32) if dense else None
@@ -303,13 +311,29 @@ class Engine(scoring.PairScoring):
         infer_ms = post_ms = 0.0
 
         lengths = [len(s) for s in ids]
+        keys = [tuple(s) for s in ids]
+        first = first_occurrences(keys)
+        sources = [COMPUTED if first[i] == i else SHARED for i in range(n)]
+        cache = self.cache
+        if cache is not None:
+            for i in range(n):
+                entry = cache.get(keys[i], dense, sparse, colbert) if first[i] == i else None
+                if entry is not None:
+                    sources[i] = CACHED
+                    if dense_out is not None and entry.dense is not None:
+                        dense_out[i] = entry.dense
+                    if sparse_out is not None and entry.sparse is not None:
+                        sparse_out[i] = entry.sparse
+        todo = [i for i in range(n) if sources[i] == COMPUTED]
+
         config = self.config
-        for batch in plan_batches(
-            lengths,
+        for planned in plan_batches(
+            [lengths[i] for i in todo],
             config.batch_token_budget,
             config.max_batch_size,
             config.attention_square_budget,
         ):
+            batch = [todo[j] for j in planned]
             input_ids, mask = pad([ids[i] for i in batch], pad_id)
             t = time.perf_counter()
             # Only the heads asked for are fetched; the rest of the graph is shared.
@@ -331,7 +355,23 @@ class Engine(scoring.PairScoring):
                     )
                 if colbert_out is not None:
                     colbert_out[i] = heads.colbert_rows(outputs["colbert"][row], lengths[i])
+                if cache is not None:
+                    cache.put(
+                        keys[i],
+                        dense_out[i] if dense_out is not None else None,
+                        sparse_out[i] if sparse_out is not None else None,
+                    )
             post_ms += _ms_since(t)
+
+        for i in range(n):
+            if sources[i] == SHARED:
+                j = first[i]
+                if dense_out is not None:
+                    dense_out[i] = dense_out[j]
+                if sparse_out is not None:
+                    sparse_out[i] = sparse_out[j]
+                if colbert_out is not None:
+                    colbert_out[i] = colbert_out[j]
 
         return Encoded(
             dense=dense_out,
@@ -339,6 +379,7 @@ class Engine(scoring.PairScoring):
             colbert=colbert_out,
             token_counts=lengths,
             timings_ms={"tokenize": tokenize_ms, "infer": infer_ms, "post": post_ms},
+            sources=sources,
         )
 
 

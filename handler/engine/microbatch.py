@@ -293,6 +293,7 @@ def _share(out: Encoded, job: _Job, offset: int, started: float, others: int) ->
         sparse=out.sparse[offset:end] if sparse and out.sparse is not None else None,
         colbert=out.colbert[offset:end] if colbert and out.colbert is not None else None,
         token_counts=out.token_counts[offset:end],
+        sources=out.sources[offset:end],
         timings_ms={
             "tokenize": job.tokenize_ms,
             "queue": (started - job.queued_at) * 1000.0,

@@ -59,6 +59,9 @@ class Encoded:
     batched_with: int = 0
     # Per input: whether it was cut to max_length (empty: the engine did not say).
     truncated: list[bool] = field(default_factory=list)
+    # Per input: "computed", "shared" (an identical input in the same pass ran for it) or
+    # "cached" (from the engine's cache); empty: the engine did not say.
+    sources: list[str] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
