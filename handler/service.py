@@ -15,7 +15,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from numpy.typing import NDArray
+
+from handler.engine import compact
 from handler.engine.types import (
     DEFAULT_SCORE_WEIGHTS,
     EmbeddingEngine,
@@ -53,6 +57,8 @@ class EmbedRequest:
     max_length: int | None = None
     truncate: bool = True
     dimensions: int | None = None
+    # Compact forms of the dense vectors (Cohere's names), keyed by type in `Embedded.compact`.
+    embedding_types: Sequence[str] | None = None
     model_param: str = "model"
     param: str = "input"  # the field that holds the inputs
     item: str = "input[{index}]"  # one input, for messages
@@ -63,6 +69,7 @@ class EmbedRequest:
 class Embedded:
     engine: EmbeddingEngine  # the model that answered (dialects key sparse weights through it)
     encoded: Encoded
+    compact: dict[str, NDArray[Any]] | None = None  # by embedding type, when asked for
 
     @property
     def info(self) -> ModelInfo:
@@ -180,10 +187,20 @@ class Service:
             check_texts(request.texts, limit=limit, param=request.param, item=request.item)
             run, n = functools.partial(engine.encode, request.texts), len(request.texts)
         sparse = info.capabilities.sparse if request.sparse is None else request.sparse
-        if not (request.dense or sparse or request.colbert):
+        dense = request.dense
+        types = request.embedding_types
+        if types is not None:
+            compact.check_types(
+                types,
+                ranges=engine.embedding_ranges,
+                dimensions=request.dimensions,
+                model_id=info.id,
+            )
+            dense = True  # every embedding type is a form of the dense vectors
+        if not (dense or sparse or request.colbert):
             raise invalid(f"Ask for at least one of {request.outputs_named}.", code="invalid_input")
         encoded = run(
-            dense=request.dense,
+            dense=dense,
             sparse=sparse,
             colbert=request.colbert,
             max_length=self.max_length(info, request.max_length),
@@ -194,7 +211,11 @@ class Service:
         record_run(record, info, n, encoded.token_counts, encoded.timings_ms, encoded.batched_with)
         record.counts["truncated"] = sum(encoded.truncated)
         record_sources(record, encoded.sources, cache_on=self.settings.embed_cache_size > 0)
-        return Embedded(engine, encoded)
+        if types is None or encoded.dense is None:
+            return Embedded(engine, encoded)
+        return Embedded(
+            engine, encoded, compact.compact(encoded.dense, types, engine.embedding_ranges)
+        )
 
     def score(
         self,

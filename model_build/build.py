@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from handler.engine.compact import RANGES_SECTION
 from handler.engine.manifest import write_manifest
 from model_build import (
     artifact,
     attention,
     precision,
+    ranges,
     recipes,
     sentencepiece_export,
     source,
@@ -281,6 +283,13 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> dict[
         artifact.make_world_readable(staging)
         write_manifest(staging, data)
         artifact.make_world_readable(staging)
+
+    with progress.stage("ranges", "int8/uint8 embedding ranges on the calibration set"):
+        try:
+            data[RANGES_SECTION] = ranges.add_ranges(staging, options.calibration_set)
+        except Exception as exc:  # e.g. an fp16 graph the CPU provider cannot run
+            # Without the section the artifact serves every type but int8 and uint8, and says so.
+            progress.log("ranges", f"SKIPPED: {exc}")
     return data
 
 

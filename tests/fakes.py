@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from handler.engine import heads, scoring
+from handler.engine.compact import Ranges
 from handler.engine.errors import CapabilityError, InputError
 from handler.engine.tokenizer import checked_ids, fit
 from handler.engine.types import (
@@ -81,6 +82,13 @@ class FakeEngine(scoring.PairScoring):
             revision="5617a9f61b028005a4858fdac845db406aefb181",
             created=1_700_000_000,
             device="cpu",
+        )
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        # Fixed, as a build's would be: unit vectors of 32 dims rarely leave [-0.6, 0.6].
+        return Ranges(
+            np.full(self.dims, -0.6, dtype=np.float32), np.full(self.dims, 0.6, dtype=np.float32)
         )
 
     # ---- tokenizer -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from handler.api.render import (
     usage,
 )
 from handler.api.routing import compute, record_of, service_of
+from handler.engine.compact import EmbeddingType
 from handler.engine.types import DEFAULT_SCORE_WEIGHTS, ModelInfo
 from handler.service import EmbedRequest
 
@@ -59,6 +60,12 @@ class NativeEmbeddingRequest(BaseModel):
     )
     truncate: bool = Field(default=True, description="false: an over-long input is a 400.")
     sparse_format: SparseFormat = "token"
+    embedding_types: list[EmbeddingType] | None = Field(
+        default=None,
+        description="Compact dense vectors, Cohere's names (float, int8, uint8, binary, "
+        "ubinary), several at once: the response's `embeddings` is keyed by type and replaces "
+        "`dense_vecs`.",
+    )
 
 
 class ScoreRequest(BaseModel):
@@ -74,7 +81,11 @@ class ScoreRequest(BaseModel):
     max_length: int | None = Field(default=None, ge=1)
 
 
-EMBED_HINTS = {"input": "'input' must be a non-empty string or an array of strings."}
+EMBED_HINTS = {
+    "input": "'input' must be a non-empty string or an array of strings.",
+    "embedding_types": "'embedding_types' must be an array of: float, int8, uint8, binary, "
+    "ubinary.",
+}
 SCORE_HINTS = {
     "sentences_1": "'sentences_1' must be a string or an array of strings.",
     "sentences_2": "'sentences_2' must be a string or an array of strings.",
@@ -90,6 +101,7 @@ class NativeUsage(BaseModel):
 class NativeEmbeddingResponse(BaseModel):
     model: str
     dense_vecs: list[list[float]] | None = None
+    embeddings: dict[str, list[list[float]] | list[list[int]]] | None = None
     sparse_vecs: list[dict[str, Any]] | None = None
     colbert_vecs: list[list[list[float]]] | None = None
     truncated: list[bool] | None = Field(
@@ -186,12 +198,15 @@ def embeddings(
             colbert=wanted.colbert,
             max_length=body.max_length,
             truncate=body.truncate,
+            embedding_types=body.embedding_types,
             item="input" if isinstance(body.input, str) else "input[{index}]",
         ),
     )
     encoded = embedded.encoded
     out: dict[str, Any] = {"model": embedded.info.id}
-    if encoded.dense is not None:
+    if embedded.compact is not None:
+        out["embeddings"] = embedded.compact
+    elif encoded.dense is not None:
         out["dense_vecs"] = encoded.dense
     if encoded.sparse is not None:
         out["sparse_vecs"] = [

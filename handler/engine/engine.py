@@ -20,6 +20,7 @@ import numpy as np
 from handler.engine import heads, scoring
 from handler.engine.batching import pad, plan_batches
 from handler.engine.cache import CACHED, COMPUTED, SHARED, EmbedCache, first_occurrences
+from handler.engine.compact import Ranges
 from handler.engine.errors import CapabilityError, InputError, ModelLoadError
 from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
 from handler.engine.session import (
@@ -145,6 +146,10 @@ class Engine(scoring.PairScoring):
     @property
     def available_heads(self) -> tuple[str, ...]:
         return tuple(h for h in HEADS if h in self.manifest.output_names)
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        return Ranges.from_manifest(self.manifest.raw, self.manifest.dims)
 
     @property
     def info(self) -> ModelInfo:

@@ -27,6 +27,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from handler.engine import scoring
+from handler.engine.compact import Ranges
 from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
 from handler.engine.heads import shortened
@@ -95,6 +96,10 @@ class MicroBatcher(scoring.PairScoring):
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        return self.engine.embedding_ranges
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.engine.token_strings(weights)

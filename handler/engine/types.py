@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from handler.engine.compact import Ranges
 
 FloatArray = NDArray[np.float32]
 
@@ -116,6 +119,11 @@ class EmbeddingEngine(Protocol):
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        """Per-dimension ranges for int8 / uint8 embeddings, from the build (None: none)."""
+        ...
 
     def encode(
         self,
