@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from handler.api import health, native, openai, v2
+from handler.api import health, native, openai, rerank, tokenize, v2
 from handler.api.docs import documented_app
 from handler.api.routing import compute_paths, methods_at, record_of, service_of
 from handler.auth import KeyChecker, require_api_key
@@ -66,13 +66,20 @@ def create_app(
     app.state.key_checker = key_checker
 
     protected = [Depends(require_api_key)]
-    for router in (openai.router, v2.router, native.router):
+    for router in (openai.router, v2.router, native.router, rerank.router, tokenize.router):
         app.include_router(router, prefix=prefix, dependencies=protected)
     app.include_router(health.router, prefix=prefix)
     # The routes as the routers declare them (without the prefix), for the middleware and 405s.
     routes = [
         r
-        for router in (openai.router, v2.router, native.router, health.router)
+        for router in (
+            openai.router,
+            v2.router,
+            native.router,
+            rerank.router,
+            tokenize.router,
+            health.router,
+        )
         for r in router.routes
     ]
     app.state.api_routes = routes

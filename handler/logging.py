@@ -72,6 +72,8 @@ class RequestRecord:
     tokens: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     batched_with: int | None = None  # other requests that shared its forward passes
+    # Per-request counts a route reports when it has them (inputs truncated, shared, cached).
+    counts: dict[str, int] = field(default_factory=dict)
     status: int = 0
     error_code: str | None = None
     response_bytes: int | None = None
@@ -99,6 +101,7 @@ class RequestRecord:
                 "total": round(total_ms, 3),
             },
             "batched_with": self.batched_with,
+            **self.counts,
             "cold_start": self.cold_start,
             # The cold start was a resume from a SnapStart snapshot, not a fresh init.
             "restore": self.cold_start and restored_from_snapshot(),

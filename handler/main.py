@@ -41,6 +41,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         verify=settings.model_verify,
         device=settings.device,
         warmup=settings.warmup,
+        cache_size=settings.embed_cache_size,
     )
 
 

@@ -15,8 +15,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from handler.engine.types import EmbeddingEngine, Encoded, ModelInfo, ModelRegistry, Scores
+from numpy.typing import NDArray
+
+from handler.engine import compact
+from handler.engine.types import (
+    DEFAULT_SCORE_WEIGHTS,
+    EmbeddingEngine,
+    Encoded,
+    ModelInfo,
+    ModelRegistry,
+    Ranking,
+    Scores,
+    TokenInfo,
+)
 from handler.errors import ApiError, Dialect, ErrorKind, invalid
 from handler.logging import RequestRecord
 from handler.settings import Settings
@@ -44,6 +57,8 @@ class EmbedRequest:
     max_length: int | None = None
     truncate: bool = True
     dimensions: int | None = None
+    # Compact forms of the dense vectors (Cohere's names), keyed by type in `Embedded.compact`.
+    embedding_types: Sequence[str] | None = None
     model_param: str = "model"
     param: str = "input"  # the field that holds the inputs
     item: str = "input[{index}]"  # one input, for messages
@@ -54,6 +69,7 @@ class EmbedRequest:
 class Embedded:
     engine: EmbeddingEngine  # the model that answered (dialects key sparse weights through it)
     encoded: Encoded
+    compact: dict[str, NDArray[Any]] | None = None  # by embedding type, when asked for
 
     @property
     def info(self) -> ModelInfo:
@@ -64,6 +80,47 @@ class Embedded:
 class Scored:
     info: ModelInfo
     scores: Scores
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """One query against documents, as any rerank dialect says it; the naming fields say how the
+    dialect calls its query and documents in messages."""
+
+    dialect: Dialect
+    model: str | None
+    query: str
+    documents: Sequence[str]
+    weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS
+    mode: str | None = None  # None: every component the model has
+    max_length: int | None = None
+    truncate: bool = True
+    query_param: str = "query"
+    param: str = "documents"
+
+
+@dataclass(frozen=True)
+class Reranked:
+    info: ModelInfo
+    ranking: Ranking
+
+    def order(self, top_n: int | None = None) -> list[int]:
+        """Document indices, best first (ties keep input order), at most `top_n` of them."""
+        scores = self.ranking.scores
+        ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return ranked if top_n is None else ranked[:top_n]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    info: ModelInfo
+    tokens: list[list[TokenInfo]]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    info: ModelInfo
+    texts: list[str]
 
 
 class Service:
@@ -130,10 +187,20 @@ class Service:
             check_texts(request.texts, limit=limit, param=request.param, item=request.item)
             run, n = functools.partial(engine.encode, request.texts), len(request.texts)
         sparse = info.capabilities.sparse if request.sparse is None else request.sparse
-        if not (request.dense or sparse or request.colbert):
+        dense = request.dense
+        types = request.embedding_types
+        if types is not None:
+            compact.check_types(
+                types,
+                ranges=engine.embedding_ranges,
+                dimensions=request.dimensions,
+                model_id=info.id,
+            )
+            dense = True  # every embedding type is a form of the dense vectors
+        if not (dense or sparse or request.colbert):
             raise invalid(f"Ask for at least one of {request.outputs_named}.", code="invalid_input")
         encoded = run(
-            dense=request.dense,
+            dense=dense,
             sparse=sparse,
             colbert=request.colbert,
             max_length=self.max_length(info, request.max_length),
@@ -142,7 +209,13 @@ class Service:
             dimensions=request.dimensions,
         )
         record_run(record, info, n, encoded.token_counts, encoded.timings_ms, encoded.batched_with)
-        return Embedded(engine, encoded)
+        record.counts["truncated"] = sum(encoded.truncated)
+        record_sources(record, encoded.sources, cache_on=self.settings.embed_cache_size > 0)
+        if types is None or encoded.dense is None:
+            return Embedded(engine, encoded)
+        return Embedded(
+            engine, encoded, compact.compact(encoded.dense, types, engine.embedding_ranges)
+        )
 
     def score(
         self,
@@ -171,6 +244,78 @@ class Service:
             record, info, inputs, scores.token_counts, scores.timings_ms, scores.batched_with
         )
         return Scored(info, scores)
+
+    def rerank(self, record: RequestRecord, request: RerankRequest) -> Reranked:
+        """The documents scored against the query with BGE-M3's own scores; MAX_INPUTS_* of the
+        dialect bound the documents, MAX_TOKENS_PER_REQUEST the query and documents together."""
+        engine = self.resolve(request.model)
+        info = engine.info
+        if request.query == "":
+            raise invalid(
+                f"'{request.query_param}' is an empty string; send the text to rank against.",
+                param=request.query_param,
+                code="empty_input",
+            )
+        check_texts(
+            request.documents,
+            limit=self.max_inputs(request.dialect),
+            param=request.param,
+            item=request.param + "[{index}]",
+        )
+        ranking = engine.rank(
+            request.query,
+            request.documents,
+            weights=request.weights,
+            mode=request.mode,
+            max_length=self.max_length(info, request.max_length),
+            truncate=request.truncate,
+            max_tokens=self.settings.max_tokens_per_request,
+        )
+        record_run(
+            record,
+            info,
+            1 + len(request.documents),
+            ranking.token_counts,
+            ranking.timings_ms,
+            ranking.batched_with,
+        )
+        return Reranked(info, ranking)
+
+    def tokenize(
+        self,
+        record: RequestRecord,
+        *,
+        model: str | None,
+        texts: Sequence[str],
+        add_special_tokens: bool,
+        param: str = "inputs",
+    ) -> Tokenized:
+        """The served model's own tokens for each text, uncut (an empty text is fine: it has
+        the template's tokens only). MAX_INPUTS_NATIVE bounds the texts."""
+        engine = self.resolve(model)
+        check_count(len(texts), limit=self.max_inputs("native"), param=param)
+        tokens = engine.tokens(texts, add_special_tokens=add_special_tokens)
+        record.model = engine.info.id
+        record.inputs = len(texts)
+        record.tokens = sum(len(t) for t in tokens)
+        return Tokenized(engine.info, tokens)
+
+    def decode(
+        self,
+        record: RequestRecord,
+        *,
+        model: str | None,
+        ids: Sequence[Sequence[int]],
+        skip_special_tokens: bool,
+        param: str = "ids",
+    ) -> Decoded:
+        engine = self.resolve(model)
+        check_count(len(ids), limit=self.max_inputs("native"), param=param)
+        texts = engine.decode(ids, skip_special_tokens=skip_special_tokens)
+        record.model = engine.info.id
+        record.inputs = len(ids)
+        record.tokens = sum(len(s) for s in ids)
+        return Decoded(engine.info, texts)
 
     # ---- limits --------------------------------------------------------------------------------
 
@@ -223,6 +368,15 @@ def check_texts(texts: Sequence[str], *, limit: int, param: str, item: str) -> N
                 param=param,
                 code="empty_input",
             )
+
+
+def record_sources(record: RequestRecord, sources: Sequence[str], *, cache_on: bool) -> None:
+    """How many inputs shared an identical input's run, and, with the cache on, its hits and
+    misses (a miss is an input that ran)."""
+    record.counts["shared"] = sources.count("shared")
+    if cache_on:
+        record.counts["cache_hits"] = sources.count("cached")
+        record.counts["cache_misses"] = sources.count("computed")
 
 
 def record_run(

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     micro_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=50.0)
     model_verify: Literal["sha256", "size", "off"] = "sha256"
     warmup: bool = True
+    # Entries of each model's in-process LRU cache of per-input outputs (handler/engine/cache.py);
+    # 0, the default, turns it off.
+    embed_cache_size: int = Field(default=0, ge=0)
     allow_any_model: bool = False
     allow_token_ids: bool = False
 

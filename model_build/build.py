@@ -38,6 +38,7 @@ from model_build import (
     faults,
     gate,
     precision,
+    ranges,
     recipes,
     sentencepiece_export,
     source,
@@ -297,8 +298,16 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> Manif
             progress=progress,
         )
 
+    embedding_ranges = None
+    with progress.stage("ranges", "int8/uint8 embedding ranges on the calibration set"):
+        try:
+            embedding_ranges = ranges.measure_ranges(staging, options.calibration_set)
+        except Exception as exc:  # e.g. an fp16 graph the CPU provider cannot run
+            # Without the section the artifact serves every type but int8 and uint8, and says so.
+            progress.log("ranges", f"SKIPPED: {exc}")
+
     with progress.stage("manifest", "manifest.json with the gate's figures, permissions"):
-        manifest = manifest.with_sections(validation=validation)
+        manifest = manifest.with_sections(validation=validation, embedding_ranges=embedding_ranges)
         write_manifest(staging, manifest)
         artifact.make_world_readable(staging)
     return manifest

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from handler.engine import heads, scoring
+from handler.engine.compact import Ranges
 from handler.engine.errors import CapabilityError, InputError
 from handler.engine.tokenizer import checked_ids, fit
 from handler.engine.types import (
@@ -29,6 +31,7 @@ from handler.engine.types import (
     FloatArray,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -81,6 +84,13 @@ class FakeEngine(scoring.PairScoring):
             device="cpu",
         )
 
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        # Fixed, as a build's would be: unit vectors of 32 dims rarely leave [-0.6, 0.6].
+        return Ranges(
+            np.full(self.dims, -0.6, dtype=np.float32), np.full(self.dims, 0.6, dtype=np.float32)
+        )
+
     # ---- tokenizer -------------------------------------------------------------------------
     def word_id(self, word: str) -> int:
         token_id = 4 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 4)
@@ -107,6 +117,39 @@ class FakeEngine(scoring.PairScoring):
         for token_id, w in weights.items():
             text = self._words.get(token_id, f"tok{token_id}")
             out[text] = max(w, out.get(text, float("-inf")))
+        return out
+
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        out = []
+        for text in texts:
+            words = [
+                TokenInfo(self.word_id(m.group()), m.group(), False, m.start(), m.end())
+                for m in re.finditer(r"\S+", text)
+            ]
+            if add_special_tokens:
+                words = [
+                    TokenInfo(BOS, "<s>", True, None, None),
+                    *words,
+                    TokenInfo(EOS, "</s>", True, None, None),
+                ]
+            out.append(words)
+        return out
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        names = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
+        out = []
+        for index, seq in enumerate(ids):
+            checked = checked_ids(index, seq, self.vocab_size) if seq else []
+            words = [
+                names.get(t) or self._words.get(t, f"tok{t}")
+                for t in checked
+                if not (skip_special_tokens and t in SPECIALS)
+            ]
+            out.append(" ".join(words))
         return out
 
     def encode(
@@ -143,7 +186,9 @@ class FakeEngine(scoring.PairScoring):
             truncate=truncate,
             max_tokens=max_tokens,
         )
-        return heads.shortened(self._run(ids, dense, sparse, colbert), dimensions)
+        encoded = self._run(ids, dense, sparse, colbert)
+        encoded.truncated = ids.truncated
+        return heads.shortened(encoded, dimensions)
 
     def encode_ids(
         self,
@@ -166,7 +211,9 @@ class FakeEngine(scoring.PairScoring):
             truncate=truncate,
             max_tokens=max_tokens,
         )
-        return heads.shortened(self._run(checked, dense, sparse, colbert), dimensions)
+        encoded = self._run(checked, dense, sparse, colbert)
+        encoded.truncated = checked.truncated
+        return heads.shortened(encoded, dimensions)
 
     def _run(self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool) -> Encoded:
         asked = {"dense": dense, "sparse": sparse, "colbert": colbert}

@@ -21,8 +21,15 @@ from starlette.requests import Request
 
 from handler.api.body import json_body
 from handler.api.docs import body_doc
-from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.render import (
+    FastJSONResponse,
+    SparseFormat,
+    sparse_out,
+    truncated_flags,
+    usage,
+)
 from handler.api.routing import compute, record_of, service_of
+from handler.engine.compact import EmbeddingType
 from handler.engine.types import DEFAULT_SCORE_WEIGHTS, ModelInfo
 from handler.service import EmbedRequest
 
@@ -53,6 +60,12 @@ class NativeEmbeddingRequest(BaseModel):
     )
     truncate: bool = Field(default=True, description="false: an over-long input is a 400.")
     sparse_format: SparseFormat = "token"
+    embedding_types: list[EmbeddingType] | None = Field(
+        default=None,
+        description="Compact dense vectors, Cohere's names (float, int8, uint8, binary, "
+        "ubinary), several at once: the response's `embeddings` is keyed by type and replaces "
+        "`dense_vecs`.",
+    )
 
 
 class ScoreRequest(BaseModel):
@@ -68,7 +81,11 @@ class ScoreRequest(BaseModel):
     max_length: int | None = Field(default=None, ge=1)
 
 
-EMBED_HINTS = {"input": "'input' must be a non-empty string or an array of strings."}
+EMBED_HINTS = {
+    "input": "'input' must be a non-empty string or an array of strings.",
+    "embedding_types": "'embedding_types' must be an array of: float, int8, uint8, binary, "
+    "ubinary.",
+}
 SCORE_HINTS = {
     "sentences_1": "'sentences_1' must be a string or an array of strings.",
     "sentences_2": "'sentences_2' must be a string or an array of strings.",
@@ -84,8 +101,12 @@ class NativeUsage(BaseModel):
 class NativeEmbeddingResponse(BaseModel):
     model: str
     dense_vecs: list[list[float]] | None = None
+    embeddings: dict[str, list[list[float]] | list[list[int]]] | None = None
     sparse_vecs: list[dict[str, Any]] | None = None
     colbert_vecs: list[list[list[float]]] | None = None
+    truncated: list[bool] | None = Field(
+        default=None, description="Per input: cut to max_length. Present only when one was."
+    )
     usage: NativeUsage
 
 
@@ -177,12 +198,15 @@ def embeddings(
             colbert=wanted.colbert,
             max_length=body.max_length,
             truncate=body.truncate,
+            embedding_types=body.embedding_types,
             item="input" if isinstance(body.input, str) else "input[{index}]",
         ),
     )
     encoded = embedded.encoded
     out: dict[str, Any] = {"model": embedded.info.id}
-    if encoded.dense is not None:
+    if embedded.compact is not None:
+        out["embeddings"] = embedded.compact
+    elif encoded.dense is not None:
         out["dense_vecs"] = encoded.dense
     if encoded.sparse is not None:
         out["sparse_vecs"] = [
@@ -190,6 +214,9 @@ def embeddings(
         ]
     if encoded.colbert is not None:
         out["colbert_vecs"] = encoded.colbert
+    truncated = truncated_flags(encoded.truncated)
+    if truncated is not None:
+        out["truncated"] = truncated
     out["usage"] = usage(encoded.total_tokens)
     return FastJSONResponse(out)
 

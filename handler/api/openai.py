@@ -22,8 +22,15 @@ from starlette.requests import Request
 
 from handler.api.body import json_body
 from handler.api.docs import body_doc
-from handler.api.render import FastJSONResponse, SparseFormat, sparse_out, usage
+from handler.api.render import (
+    FastJSONResponse,
+    SparseFormat,
+    sparse_out,
+    truncated_header,
+    usage,
+)
 from handler.api.routing import compute, record_of, service_of
+from handler.engine.compact import EmbeddingType
 from handler.engine.types import ModelInfo
 from handler.service import EmbedRequest
 
@@ -60,6 +67,12 @@ class OpenAIEmbeddingRequest(BaseModel):
     truncate: bool = Field(
         default=True, description="Extension: false makes an over-long input a 400."
     )
+    embedding_types: list[EmbeddingType] | None = Field(
+        default=None,
+        description="Extension: add `embeddings` to each item, the vector in each of these "
+        "types (float, int8, uint8, binary, ubinary) keyed by type; `embedding` stays as "
+        "`encoding_format` says.",
+    )
 
 
 HINTS = {
@@ -74,6 +87,7 @@ class EmbeddingItem(BaseModel):
     index: int
     embedding: list[float] | str
     sparse: dict[str, Any] | None = None
+    embeddings: dict[str, list[float] | list[int]] | None = None
 
 
 class Usage(BaseModel):
@@ -149,6 +163,7 @@ def create_embeddings(
             sparse=body.return_sparse,
             truncate=body.truncate,
             dimensions=body.dimensions,
+            embedding_types=body.embedding_types,
             item="input" if isinstance(body.input, str) else "input[{index}]",
         ),
     )
@@ -169,6 +184,8 @@ def create_embeddings(
         }
         if encoded.sparse is not None:
             item["sparse"] = sparse_out(embedded.engine, encoded.sparse[i], body.sparse_format)
+        if embedded.compact is not None:
+            item["embeddings"] = {kind: rows[i] for kind, rows in embedded.compact.items()}
         items.append(item)
     return FastJSONResponse(
         {
@@ -176,7 +193,8 @@ def create_embeddings(
             "data": items,
             "model": embedded.info.id,
             "usage": usage(encoded.total_tokens),
-        }
+        },
+        headers=truncated_header(encoded.truncated),
     )
 
 

@@ -31,6 +31,22 @@ def sparse_out(
     return {"indices": indices, "values": [float(weights[i]) for i in indices]}
 
 
+def truncated_flags(truncated: list[bool]) -> list[bool] | None:
+    """The per-input `truncated` flags for a response, or None when no input was cut: the key
+    appears only then, so a response to inputs within the limit is the same as before."""
+    return list(truncated) if any(truncated) else None
+
+
+def truncated_header(truncated: list[bool]) -> dict[str, str]:
+    """`X-Truncated-Inputs: 0,3` (the indices of the inputs cut to max_length), for a dialect
+    whose response schema has no place for a flag (OpenAI's); no header when none was cut."""
+    cut = [str(i) for i, flag in enumerate(truncated) if flag]
+    return {TRUNCATED_HEADER: ",".join(cut)} if cut else {}
+
+
+TRUNCATED_HEADER = "X-Truncated-Inputs"
+
+
 def usage(tokens: int) -> dict[str, int]:
     return {"prompt_tokens": tokens, "total_tokens": tokens}
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 
 from handler.api.body import json_body
 from handler.api.docs import body_doc
-from handler.api.render import FastJSONResponse, sparse_out
+from handler.api.render import FastJSONResponse, sparse_out, truncated_flags
 from handler.api.routing import compute, record_of, service_of
 from handler.errors import invalid
 from handler.service import EmbedRequest
@@ -77,6 +77,9 @@ class V2TokenUsage(BaseModel):
 class V2Result(BaseModel):
     sentence_dense_embedding: list[list[float]] | None = None
     sentence_sparse_embedding: list[dict[str, float]] | None = None
+    truncated: list[bool] | None = Field(
+        default=None, description="Extension: per text, cut to max_length; only when one was."
+    )
     token_usage: V2TokenUsage | None = None
 
 
@@ -151,6 +154,9 @@ def embedding_v2(
         result["sentence_sparse_embedding"] = [
             sparse_out(embedded.engine, weights, "token") for weights in encoded.sparse
         ]
+    truncated = truncated_flags(encoded.truncated)
+    if truncated is not None:
+        result["truncated"] = truncated
     if params.return_token_usage:
         tokens = encoded.total_tokens
         result["token_usage"] = {

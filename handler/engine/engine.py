@@ -19,6 +19,8 @@ import numpy as np
 
 from handler.engine import heads, scoring
 from handler.engine.batching import pad, plan_batches
+from handler.engine.cache import CACHED, COMPUTED, SHARED, EmbedCache, first_occurrences
+from handler.engine.compact import Ranges
 from handler.engine.errors import CapabilityError, InputError, ModelLoadError
 from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
 from handler.engine.session import (
@@ -28,13 +30,14 @@ from handler.engine.session import (
     session_device,
     x86_without_vnni,
 )
-from handler.engine.tokenizer import TextTokenizer
+from handler.engine.tokenizer import TextTokenizer, TokenBatch
 from handler.engine.types import (
     Capabilities,
     Encoded,
     FloatArray,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class EngineConfig:
     verify: VerifyMode = "sha256"
     device: Device = "cpu"
     warmup: bool = True
+    # Entries of the in-process LRU cache of per-input outputs (0: no cache). See cache.py.
+    cache_size: int = 0
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Engine(scoring.PairScoring):
     # Parts of the load (tokenizer and session overlap, so they add up to more than load_ms).
     load_timings_ms: dict[str, float] = field(default_factory=dict)
     load_ms: float = 0.0  # the whole load, wall clock
+    cache: EmbedCache | None = None
 
     @classmethod
     def load(cls, model_dir: Path, config: EngineConfig | None = None) -> Engine:
@@ -118,6 +124,8 @@ class Engine(scoring.PairScoring):
             t = time.perf_counter()
             engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
             timings["warmup"] = _ms_since(t)
+        if config.cache_size > 0:  # after the warm-up, which is no one's input
+            engine.cache = EmbedCache(config.cache_size, manifest.fingerprint)
         engine.load_ms = _ms_since(start)
         log.info(
             "loaded %s (%s, %s) from %s on %s with %d threads in %.0f ms",
@@ -136,6 +144,10 @@ class Engine(scoring.PairScoring):
     @property
     def available_heads(self) -> tuple[str, ...]:
         return tuple(h for h in HEADS if h in self.manifest.output_names)
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        return Ranges.from_manifest(self.manifest.embedding_ranges, self.manifest.dims)
 
     @property
     def info(self) -> ModelInfo:
@@ -164,6 +176,16 @@ class Engine(scoring.PairScoring):
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.tokenizer.token_strings(weights)
 
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        return self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def encode(
         self,
         texts: Sequence[str],
@@ -180,6 +202,7 @@ class Engine(scoring.PairScoring):
         t = time.perf_counter()
         ids = self.tokenize(texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens)
         encoded = self._run(ids, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        encoded.truncated = ids.truncated
         return heads.shortened(encoded, dimensions)
 
     def encode_ids(
@@ -200,6 +223,7 @@ class Engine(scoring.PairScoring):
             ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._run(checked, dense, sparse, colbert, tokenize_ms=_ms_since(t))
+        encoded.truncated = checked.truncated
         return heads.shortened(encoded, dimensions)
 
     # The steps of encode() one by one, for a caller that runs them in different threads
@@ -212,7 +236,7 @@ class Engine(scoring.PairScoring):
         max_length: int | None = None,
         truncate: bool = True,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token ids as encode() runs them; bad max_length, over-long inputs and a total over
         `max_tokens` raise here."""
         return self.tokenizer.encode(
@@ -226,7 +250,7 @@ class Engine(scoring.PairScoring):
         max_length: int | None = None,
         truncate: bool = True,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token-id input checked and cut as encode_ids() runs it."""
         limit = self._limit(max_length)
         return self.tokenizer.check_ids(
@@ -277,6 +301,8 @@ class Engine(scoring.PairScoring):
     def _run(
         self, ids: list[list[int]], dense: bool, sparse: bool, colbert: bool, *, tokenize_ms: float
     ) -> Encoded:
+        """Rows with the same ids run once (the first of them) and the others share its outputs;
+        with a cache, rows it holds do not run at all. `Encoded.sources` says which was which."""
         wanted = self._wanted(dense, sparse, colbert)
         n = len(ids)
         dense_out = np.zeros((n, self.manifest.dims), dtype=np.float32) if dense else None
@@ -287,13 +313,29 @@ class Engine(scoring.PairScoring):
         infer_ms = post_ms = 0.0
 
         lengths = [len(s) for s in ids]
+        keys = [tuple(s) for s in ids]
+        first = first_occurrences(keys)
+        sources = [COMPUTED if first[i] == i else SHARED for i in range(n)]
+        cache = self.cache
+        if cache is not None:
+            for i in range(n):
+                entry = cache.get(keys[i], dense, sparse, colbert) if first[i] == i else None
+                if entry is not None:
+                    sources[i] = CACHED
+                    if dense_out is not None and entry.dense is not None:
+                        dense_out[i] = entry.dense
+                    if sparse_out is not None and entry.sparse is not None:
+                        sparse_out[i] = entry.sparse
+        todo = [i for i in range(n) if sources[i] == COMPUTED]
+
         config = self.config
-        for batch in plan_batches(
-            lengths,
+        for planned in plan_batches(
+            [lengths[i] for i in todo],
             config.batch_token_budget,
             config.max_batch_size,
             config.attention_square_budget,
         ):
+            batch = [todo[j] for j in planned]
             input_ids, mask = pad([ids[i] for i in batch], pad_id)
             t = time.perf_counter()
             # Only the heads asked for are fetched; the rest of the graph is shared.
@@ -315,7 +357,23 @@ class Engine(scoring.PairScoring):
                     )
                 if colbert_out is not None:
                     colbert_out[i] = heads.colbert_rows(outputs["colbert"][row], lengths[i])
+                if cache is not None:
+                    cache.put(
+                        keys[i],
+                        dense_out[i] if dense_out is not None else None,
+                        sparse_out[i] if sparse_out is not None else None,
+                    )
             post_ms += _ms_since(t)
+
+        for i in range(n):
+            if sources[i] == SHARED:
+                j = first[i]
+                if dense_out is not None:
+                    dense_out[i] = dense_out[j]
+                if sparse_out is not None:
+                    sparse_out[i] = sparse_out[j]
+                if colbert_out is not None:
+                    colbert_out[i] = colbert_out[j]
 
         return Encoded(
             dense=dense_out,
@@ -323,6 +381,7 @@ class Engine(scoring.PairScoring):
             colbert=colbert_out,
             token_counts=lengths,
             timings_ms={"tokenize": tokenize_ms, "infer": infer_ms, "post": post_ms},
+            sources=sources,
         )
 
 

@@ -242,6 +242,18 @@ class ValidationSection:
 
 
 @dataclass(frozen=True)
+class EmbeddingRanges:
+    """Per-dimension [min, max] of the dense vectors on the calibration texts, measured by the
+    finished artifact at build time: every request and every container quantizes int8 and uint8
+    embeddings with these (handler/engine/compact.py)."""
+
+    min: tuple[float, ...]
+    max: tuple[float, ...]
+    set: str = ""
+    texts: int = 0
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json, typed. Sections other tools or humans read (source, quantization, the gate's
     figures, tool versions) are typed too; `notes` holds what other tools (the benchmarks) record
@@ -266,6 +278,7 @@ class Manifest:
     source: SourceSection = field(default_factory=SourceSection)
     quantization: QuantizationSection | None = None
     validation: ValidationSection | None = None
+    embedding_ranges: EmbeddingRanges | None = None
     tools: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -27,6 +27,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from handler.engine import scoring
+from handler.engine.compact import Ranges
 from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
 from handler.engine.heads import shortened
@@ -35,6 +36,7 @@ from handler.engine.types import (
     Encoded,
     ModelInfo,
     ModelRegistry,
+    TokenInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,23 @@ class MicroBatcher(scoring.PairScoring):
     def info(self) -> ModelInfo:
         return self.engine.info
 
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        return self.engine.embedding_ranges
+
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         return self.engine.token_strings(weights)
+
+    # Tokenizing runs no forward pass: straight to the engine, in the caller's thread.
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        return self.engine.tokens(texts, add_special_tokens=add_special_tokens)
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self.engine.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode(
         self,
@@ -116,6 +133,7 @@ class MicroBatcher(scoring.PairScoring):
             texts, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._submit(ids, (dense, sparse, colbert), _ms_since(start))
+        encoded.truncated = ids.truncated
         return shortened(encoded, dimensions)
 
     def encode_ids(
@@ -136,6 +154,7 @@ class MicroBatcher(scoring.PairScoring):
             ids, max_length=max_length, truncate=truncate, max_tokens=max_tokens
         )
         encoded = self._submit(checked, (dense, sparse, colbert), _ms_since(start))
+        encoded.truncated = checked.truncated
         return shortened(encoded, dimensions)
 
     @property
@@ -279,6 +298,7 @@ def _share(out: Encoded, job: _Job, offset: int, started: float, others: int) ->
         sparse=out.sparse[offset:end] if sparse and out.sparse is not None else None,
         colbert=out.colbert[offset:end] if colbert and out.colbert is not None else None,
         token_counts=out.token_counts[offset:end],
+        sources=out.sources[offset:end],
         timings_ms={
             "tokenize": job.tokenize_ms,
             "queue": (started - job.queued_at) * 1000.0,

@@ -13,9 +13,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from handler.engine.errors import InputError, TooManyTokensError
-from handler.engine.types import DEFAULT_SCORE_WEIGHTS, EmbeddingEngine, Scores
+from handler.engine.types import DEFAULT_SCORE_WEIGHTS, EmbeddingEngine, Ranking, Scores
 
 FloatArray = NDArray[np.float32]
+
+# The components of a score, in the order FlagEmbedding names its hybrids ("colbert+sparse+dense").
+COMPONENTS = ("colbert", "sparse", "dense")
+WEIGHT_INDEX = {"dense": 0, "sparse": 1, "colbert": 2}  # into [dense, sparse, colbert] weights
 
 
 def dense_score(q: FloatArray, p: FloatArray) -> float:
@@ -77,12 +81,7 @@ def score_pairs(
             f"sentences_1 and sentences_2 must pair up ({len(sentences_1)} != {len(sentences_2)})",
             param="sentences_2",
         )
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InputError(
-            "weights must be three non-negative numbers [dense, sparse, colbert] with a "
-            "positive sum",
-            param="weights",
-        )
+    check_weights(weights)
     caps = engine.info.capabilities
     try:
         both = engine.encode(
@@ -119,9 +118,95 @@ def score_pairs(
     )
 
 
+def check_weights(weights: Sequence[float]) -> None:
+    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(
+            "weights must be three non-negative numbers [dense, sparse, colbert] with a "
+            "positive sum",
+            param="weights",
+        )
+
+
+def parse_mode(mode: str | None, engine: EmbeddingEngine) -> tuple[str, ...]:
+    """The components a rank score is made of, in FlagEmbedding's order. None: all that the
+    model has (colbert+sparse+dense for BGE-M3, dense for a dense-only model)."""
+    caps = engine.info.capabilities
+    if mode is None:
+        return tuple(c for c in COMPONENTS if getattr(caps, c))
+    parts = [p.strip().lower() for p in mode.split("+")]
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise InputError(
+            f"mode {mode!r} must name dense, sparse or colbert, each at most once, joined by "
+            "'+' (for example 'colbert+sparse+dense' or 'sparse+dense')",
+            param="mode",
+        )
+    return tuple(c for c in COMPONENTS if c in parts)
+
+
+def rank_documents(
+    engine: EmbeddingEngine,
+    query: str,
+    documents: Sequence[str],
+    *,
+    weights: Sequence[float],
+    mode: str | None,
+    max_length: int | None,
+    truncate: bool = True,
+    max_tokens: int | None = None,
+) -> Ranking:
+    """Every document scored against the query, in input order. The query and the documents go
+    to the engine in one call, so the query is encoded once, not once per document; the score of
+    a mode is the weighted mean of its components with `weights` (a single component is its own
+    score), so colbert+sparse+dense equals /score's value for the same pair."""
+    check_weights(weights)
+    components = parse_mode(mode, engine)
+    if len(components) > 1 and sum(weights[WEIGHT_INDEX[c]] for c in components) <= 0:
+        raise InputError(
+            f"the weights of {'+'.join(components)} sum to zero; give one of them a weight",
+            param="weights",
+        )
+    try:
+        both = engine.encode(
+            [query, *documents],
+            dense="dense" in components,
+            sparse="sparse" in components,
+            colbert="colbert" in components,
+            max_length=max_length,
+            truncate=truncate,
+            max_tokens=max_tokens,
+        )
+    except TooManyTokensError as exc:  # the texts came from query and documents
+        raise TooManyTokensError(total=exc.total, limit=exc.limit, param="documents") from None
+    per_component: dict[str, list[float]] = {}
+    n = len(documents)
+    if both.dense is not None:
+        per_component["dense"] = [dense_score(both.dense[0], both.dense[1 + i]) for i in range(n)]
+    if both.sparse is not None:
+        q = both.sparse[0]
+        per_component["sparse"] = [lexical_score(q, both.sparse[1 + i]) for i in range(n)]
+    if both.colbert is not None:
+        q_rows = both.colbert[0]
+        per_component["colbert"] = [colbert_score(q_rows, both.colbert[1 + i]) for i in range(n)]
+    if len(components) == 1:
+        scores = per_component[components[0]]
+    else:
+        chosen = [weights[WEIGHT_INDEX[c]] for c in components]
+        scores = [
+            weighted_mean([per_component[c][i] for c in components], chosen) for i in range(n)
+        ]
+    return Ranking(
+        scores=scores,
+        mode="+".join(components),
+        token_counts=both.token_counts,
+        timings_ms=both.timings_ms,
+        batched_with=both.batched_with,
+    )
+
+
 class PairScoring:
-    """`score` for an engine class, written once over the engine's own `encode`: mixed into the
-    Engine, the MicroBatcher (whose encode shares passes) and test fakes alike."""
+    """`score` and `rank` for an engine class, written once over the engine's own `encode`: mixed
+    into the Engine, the MicroBatcher (whose encode shares passes) and test fakes alike."""
 
     def score(
         self: EmbeddingEngine,
@@ -138,5 +223,27 @@ class PairScoring:
             sentences_2,
             weights=weights,
             max_length=max_length,
+            max_tokens=max_tokens,
+        )
+
+    def rank(
+        self: EmbeddingEngine,
+        query: str,
+        documents: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        mode: str | None = None,
+        max_length: int | None = None,
+        truncate: bool = True,
+        max_tokens: int | None = None,
+    ) -> Ranking:
+        return rank_documents(
+            self,
+            query,
+            documents,
+            weights=weights,
+            mode=mode,
+            max_length=max_length,
+            truncate=truncate,
             max_tokens=max_tokens,
         )

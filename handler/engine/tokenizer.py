@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from tokenizers import Tokenizer
+from tokenizers import PreTokenizedString, Token, Tokenizer
 
 from handler.engine.errors import (
     InputError,
@@ -33,6 +33,7 @@ from handler.engine.errors import (
     TooManyTokensError,
 )
 from handler.engine.manifest import Manifest
+from handler.engine.types import TokenInfo
 
 
 class Backend(Protocol):
@@ -51,6 +52,25 @@ class Backend(Protocol):
     def piece(self, token_id: int) -> str:
         """The vocabulary entry itself (`▁What`)."""
         ...
+
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenInfo]:
+        """The tokens of one text with their character offsets, nothing cut."""
+        ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """Ids (of this vocabulary) back to text."""
+        ...
+
+
+def token_info(
+    text: str, token_id: int, piece: str, span: tuple[int, int], special: bool
+) -> TokenInfo:
+    """A token of `text`: its own characters and offsets, or, for a token the template added,
+    its vocabulary entry and no offsets (text-embeddings-inference's SimpleToken)."""
+    if special:
+        return TokenInfo(id=token_id, text=piece, special=True, start=None, stop=None)
+    start, stop = span
+    return TokenInfo(id=token_id, text=text[start:stop], special=False, start=start, stop=stop)
 
 
 class HuggingFaceBackend:
@@ -74,6 +94,18 @@ class HuggingFaceBackend:
     def piece(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenInfo]:
+        e = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return [
+            token_info(text, i, piece, span, bool(special))
+            for i, piece, span, special in zip(
+                e.ids, e.tokens, e.offsets, e.special_tokens_mask, strict=True
+            )
+        ]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 class SentencePieceBackend:
     """tokenizer.json's pipeline with its Unigram step done by sentencepiece: split out the
@@ -87,6 +119,7 @@ class SentencePieceBackend:
         import sentencepiece  # only images serving a Unigram model need it at all
 
         front = Tokenizer.from_file(str(frontend_file))
+        self._normalizer = front.normalizer
         self._normalize: Callable[[str], str] = (
             front.normalizer.normalize_str if front.normalizer is not None else str
         )
@@ -94,6 +127,7 @@ class SentencePieceBackend:
         self._decoder = front.decoder
         specials = {t.content: i for i, t in front.get_added_tokens_decoder().items()}
         self._specials = specials
+        self._special_names = {i: name for name, i in specials.items()}
         # Longest first, so "<mask>" is never read as a shorter token that prefixes it.
         names = sorted(specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
@@ -129,6 +163,53 @@ class SentencePieceBackend:
 
     def piece(self, token_id: int) -> str:
         return str(self._sp.IdToPiece(token_id))
+
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenInfo]:
+        """As `encode_batch`, with offsets: `tokenizers` itself maps each piece back through the
+        pre-tokenizer's splits and the normalizer's alignments (a PreTokenizedString whose
+        tokenize step is sentencepiece), so the offsets are those tokenizer.json would give."""
+        out: list[TokenInfo] = []
+        if add_special_tokens:
+            out.append(token_info(text, self._cls, self._special_names[self._cls], (0, 0), True))
+        parts = self._split.split(text) if self._split is not None else [text]
+        pos = 0
+        for index, part in enumerate(parts):
+            if index % 2:
+                span = (pos, pos + len(part))
+                out.append(token_info(text, self._specials[part], part, span, False))
+            elif part:
+                for token_id, (start, stop) in self._part_spans(part):
+                    span = (pos + start, pos + stop)
+                    out.append(token_info(text, token_id, "", span, False))
+            pos += len(part)
+        if add_special_tokens:
+            out.append(token_info(text, self._sep, self._special_names[self._sep], (0, 0), True))
+        return out
+
+    def _part_spans(self, part: str) -> list[tuple[int, tuple[int, int]]]:
+        pre = PreTokenizedString(part)
+        if self._normalizer is not None:
+            pre.normalize(self._normalizer.normalize)
+        if self._pre_tokenizer is not None:
+            self._pre_tokenizer.pre_tokenize(pre)
+        # sentencepiece's pieces carry their UTF-8 byte span in the word, the offsets that
+        # `tokenizers` expects from a model's tokenize step.
+        pre.tokenize(
+            lambda word: [
+                Token(p.id, p.piece, (p.begin, p.end))
+                for p in self._sp.encode(str(word), out_type="proto").pieces
+            ]
+        )
+        encoding = pre.to_encoding()
+        return list(zip(encoding.ids, encoding.offsets, strict=True))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        pieces = [
+            self._special_names.get(i) or self.piece(i)
+            for i in ids
+            if not (skip_special_tokens and i in self._special_names)
+        ]
+        return self._decoder.decode(pieces) if self._decoder is not None else "".join(pieces)
 
 
 def load_backend(model_dir: Path, manifest: Manifest) -> Backend:
@@ -167,7 +248,7 @@ class TextTokenizer:
         max_length: int,
         truncate: bool,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token ids per text, special tokens included, cut to `max_length` (or an error)."""
         if max_length <= self.num_special:
             raise InputError(
@@ -192,7 +273,7 @@ class TextTokenizer:
         max_length: int,
         truncate: bool,
         max_tokens: int | None = None,
-    ) -> list[list[int]]:
+    ) -> TokenBatch:
         """Token-id input: ids of this vocabulary, range-checked, used as given (cut at the end)."""
         checked = [checked_ids(index, seq, self.vocab_size) for index, seq in enumerate(sequences)]
         return fit(
@@ -202,6 +283,27 @@ class TextTokenizer:
             truncate=truncate,
             max_tokens=max_tokens,
         )
+
+    def tokens(self, texts: Sequence[str], *, add_special_tokens: bool) -> list[list[TokenInfo]]:
+        """Each text's tokens with their character offsets, as encode() splits them (uncut)."""
+        return [self.backend.spans(text, add_special_tokens) for text in texts]
+
+    def decode(self, sequences: Sequence[Sequence[int]], *, skip_special_tokens: bool) -> list[str]:
+        """Each id sequence back to text; an id outside the vocabulary is refused, as in
+        token-id input."""
+        out: list[str] = []
+        for index, sequence in enumerate(sequences):
+            ids = [int(t) for t in sequence]
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InputError(
+                    f"ids[{index}] has token id {bad}, outside this model's vocabulary "
+                    f"[0, {self.vocab_size}).",
+                    param="ids",
+                    code="token_id_out_of_range",
+                )
+            out.append(self.backend.decode(ids, skip_special_tokens))
+        return out
 
     def token_strings(self, weights: Mapping[int, float]) -> dict[str, float]:
         """Sparse weights keyed by the decoded token text (the v2 and native APIs' format). Two ids
@@ -236,6 +338,15 @@ def checked_ids(index: int, sequence: Sequence[int], vocab_size: int) -> list[in
     return ids
 
 
+class TokenBatch(list[list[int]]):
+    """Token ids per input, as `fit` leaves them, and which inputs it cut to max_length (so a
+    response can say so without tokenizing again)."""
+
+    def __init__(self, sequences: Sequence[list[int]], truncated: Sequence[bool]):
+        super().__init__(sequences)
+        self.truncated = list(truncated)
+
+
 def fit(
     sequences: Sequence[list[int]],
     cut: Callable[[list[int], int], list[int]],
@@ -243,14 +354,16 @@ def fit(
     max_length: int,
     truncate: bool,
     max_tokens: int | None,
-) -> list[list[int]]:
+) -> TokenBatch:
     """Every sequence cut to `max_length`; then the total of the cut lengths held to
     `max_tokens`; then, without `truncate`, the first over-long input refused. The total comes
     first because `truncate` cannot lift it: a caller told only "too long" would retry with
     truncation and then hear about the total."""
     out: list[list[int]] = []
+    cut_flags: list[bool] = []
     too_long: tuple[int, int] | None = None
     for index, ids in enumerate(sequences):
+        cut_flags.append(len(ids) > max_length)
         if len(ids) > max_length:
             too_long = too_long or (index, len(ids))
             ids = cut(ids, max_length)
@@ -265,7 +378,7 @@ def fit(
             tokens=tokens,
             limit=max_length,
         )
-    return out
+    return TokenBatch(out, cut_flags)
 
 
 def check_total_tokens(lengths: Sequence[int], max_tokens: int | None) -> None:

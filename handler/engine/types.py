@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from handler.engine.compact import Ranges
 
 FloatArray = NDArray[np.float32]
 
@@ -57,6 +60,11 @@ class Encoded:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # Other requests whose inputs ran in the same forward passes (micro-batching; 0: alone).
     batched_with: int = 0
+    # Per input: whether it was cut to max_length (empty: the engine did not say).
+    truncated: list[bool] = field(default_factory=list)
+    # Per input: "computed", "shared" (an identical input in the same pass ran for it) or
+    # "cached" (from the engine's cache); empty: the engine did not say.
+    sources: list[str] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -77,6 +85,31 @@ class Scores:
     batched_with: int = 0  # as in Encoded
 
 
+@dataclass
+class Ranking:
+    """One query against many documents: `scores[i]` is documents[i]'s score in the mode asked
+    for (input order; the caller sorts). `token_counts` holds the query's first."""
+
+    scores: list[float]
+    mode: str  # the components that made the score, e.g. "colbert+sparse+dense"
+    token_counts: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batched_with: int = 0  # as in Encoded
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token as the model's tokenizer gives it (text-embeddings-inference's SimpleToken):
+    `text` is the input's own characters [start, stop) (character offsets), or for a token the
+    template added (`<s>`, `</s>`: `special`) its vocabulary entry, with no offsets."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
 class EmbeddingEngine(Protocol):
     """What every dialect needs from a model. `max_length=None` means the model's own limit;
     `truncate=False` turns an over-long input into InputTooLongError instead of cutting it;
@@ -86,6 +119,11 @@ class EmbeddingEngine(Protocol):
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def embedding_ranges(self) -> Ranges | None:
+        """Per-dimension ranges for int8 / uint8 embeddings, from the build (None: none)."""
+        ...
 
     def encode(
         self,
@@ -124,6 +162,30 @@ class EmbeddingEngine(Protocol):
         max_length: int | None = None,
         max_tokens: int | None = None,
     ) -> Scores: ...
+
+    def tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
+        """Each text's tokens as encode() would run them before truncation."""
+        ...
+
+    def decode(
+        self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Each id sequence back to text; InputError for an id outside the vocabulary."""
+        ...
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        weights: Sequence[float] = DEFAULT_SCORE_WEIGHTS,
+        mode: str | None = None,
+        max_length: int | None = None,
+        truncate: bool = True,
+        max_tokens: int | None = None,
+    ) -> Ranking: ...
 
 
 class ModelRegistry:
