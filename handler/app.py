@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from handler.api import health, native, openai, v2
+from handler.api import metrics as metrics_route
 from handler.api.docs import documented_app
 from handler.api.routing import compute_paths, methods_at, record_of, service_of
 from handler.auth import KeyChecker, require_api_key
@@ -32,7 +33,8 @@ from handler.errors import (
     render,
     strip_prefix,
 )
-from handler.middleware import ServiceMiddleware
+from handler.metrics import Metrics, metrics_for
+from handler.middleware import Drain, ServiceMiddleware
 from handler.service import Service
 from handler.settings import Settings
 
@@ -44,6 +46,7 @@ def create_app(
     engine: ModelRegistry | None = None,
     load_error: str | None = None,
     key_checker: KeyChecker | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """`key_checker`: the API keys, already read (handler/main.py reads them while the models
     load); by default they are read from `settings` here."""
@@ -69,10 +72,17 @@ def create_app(
     for router in (openai.router, v2.router, native.router):
         app.include_router(router, prefix=prefix, dependencies=protected)
     app.include_router(health.router, prefix=prefix)
+    app.state.metrics = metrics if metrics is not None else metrics_for(settings)
+    app.state.drain = Drain()  # handler/main.py begins it on SIGTERM
+    app.include_router(
+        metrics_route.router,
+        prefix=prefix,
+        dependencies=[] if settings.metrics_public else protected,
+    )
     # The routes as the routers declare them (without the prefix), for the middleware and 405s.
     routes = [
         r
-        for router in (openai.router, v2.router, native.router, health.router)
+        for router in (openai.router, v2.router, native.router, health.router, metrics_route.router)
         for r in router.routes
     ]
     app.state.api_routes = routes
@@ -82,7 +92,11 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(
-        ServiceMiddleware, settings=settings, compute_paths=compute_paths(routes, prefix)
+        ServiceMiddleware,
+        settings=settings,
+        compute_paths=compute_paths(routes, prefix),
+        metrics=app.state.metrics,
+        drain=app.state.drain,
     )
 
     log.info(

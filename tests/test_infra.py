@@ -5,6 +5,7 @@ images themselves are built and run by infra/scripts/ci_image_test.sh (`make tes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -347,8 +348,21 @@ def test_cloud_run_services(name: str) -> None:
     )
     spec = template["spec"]
     assert spec["containerConcurrency"] >= 1
-    (container,) = spec["containers"]
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    containers = {c["name"]: c for c in spec["containers"]}
+    container = containers["bge-m3"]
+    # Startup waits for readiness (models loaded, keys read); liveness asks only that it answers.
+    assert container["startupProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    # The grace period ends before Cloud Run's SIGKILL (10 s after SIGTERM), the deadline before
+    # the platform's request timeout.
+    assert float(env["SHUTDOWN_GRACE_S"]) < 10
+    assert float(env["REQUEST_TIMEOUT_S"]) < spec["timeoutSeconds"]
+    # Metrics: the Managed Prometheus sidecar scrapes /metrics and starts after the service.
+    assert "cloud-run-gmp-sidecar" in containers["collector"]["image"]
+    assert json.loads(annotations["run.googleapis.com/container-dependencies"]) == {
+        "collector": ["bge-m3"]
+    }
     # PORT is Cloud Run's to set; the app listens on it.
     assert "PORT" not in {e["name"] for e in container.get("env", [])}
     # No unauthenticated access from this file: that is an IAM binding, never granted here.
