@@ -239,6 +239,58 @@ def test_template_http_api_is_optional() -> None:
     assert template["Parameters"]["HttpApiAuth"]["Default"] == "DISABLED"
 
 
+def test_template_rest_api_with_keys_and_a_usage_plan_is_optional() -> None:
+    template = load_template()
+    params = template["Parameters"]
+    assert params["RestApiWithKeys"]["Default"] == "false"
+    rest = {k: v for k, v in template["Resources"].items() if k.startswith("RestApi")}
+    assert rest and all(v.get("Condition") == "HasRestApi" for v in rest.values())
+    plan = rest["RestApiUsagePlan"]["Properties"]
+    # Rate, burst and quota come from parameters, so each deployment picks its own.
+    assert plan["Throttle"] == {
+        "RateLimit": {"Ref": "UsagePlanRateLimit"},
+        "BurstLimit": {"Ref": "UsagePlanBurstLimit"},
+    }
+    assert plan["Quota"] == {
+        "Limit": {"Ref": "UsagePlanQuotaLimit"},
+        "Period": {"Ref": "UsagePlanQuotaPeriod"},
+    }
+    assert set(params["UsagePlanQuotaPeriod"]["AllowedValues"]) == {"DAY", "WEEK", "MONTH"}
+    methods = {
+        k: v["Properties"] for k, v in rest.items() if v["Type"] == "AWS::ApiGateway::Method"
+    }
+    # Every route needs a key but the health check; all go to the live alias through Lambda proxy.
+    assert {k: m["ApiKeyRequired"] for k, m in methods.items()} == {
+        "RestApiProxyMethod": True,
+        "RestApiRootMethod": True,
+        "RestApiHealthMethod": False,
+    }
+    assert all(m["Integration"]["Type"] == "AWS_PROXY" for m in methods.values())
+    assert rest["RestApiUsagePlanKey"]["Properties"]["KeyId"] == {"Ref": "RestApiKey"}
+
+
+def test_template_alarms_and_dashboard_use_the_services_emf_metrics() -> None:
+    from handler.settings import Settings
+
+    namespace = Settings.model_fields["metrics_namespace"].default
+    resources = load_template()["Resources"]
+    errors = resources["ServiceErrorsAlarm"]["Properties"]
+    latency = resources["ServiceLatencyAlarm"]["Properties"]
+    for alarm in (errors, latency):
+        assert alarm["Namespace"] == namespace
+        # The EMF `service` dimension is the function name (handler/metrics.py).
+        assert alarm["Dimensions"] == [{"Name": "service", "Value": {"Ref": "EmbeddingFunction"}}]
+    assert errors["MetricName"] == "ServerErrors" and latency["MetricName"] == "LatencyTotal"
+    throttles = resources["ServiceThrottlesAlarm"]["Properties"]["Metrics"]
+    assert {m["MetricStat"]["Metric"]["MetricName"] for m in throttles if "MetricStat" in m} == {
+        "Throttles",
+        "Requests",
+    }
+    body = resources["ServiceDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]
+    for name in ("Requests", "ServerErrors", "Throttles", "LatencyTotal", "Tokens", "ColdStart"):
+        assert f'"{name}"' in body
+
+
 # ---- Dockerfiles --------------------------------------------------------------------------------
 
 
