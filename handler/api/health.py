@@ -39,7 +39,7 @@ class Health(BaseModel):
     error: str | None = None
 
 
-@router.head("/health", include_in_schema=False)
+@router.head("/health", summary="The same as GET, without a body (public)", response_model=None)
 @router.get(
     "/health",
     summary="Liveness and readiness (public)",
@@ -69,7 +69,9 @@ class Live(BaseModel):
     status: Literal["alive"]
 
 
-@router.head("/health/live", include_in_schema=False)
+@router.head(
+    "/health/live", summary="The same as GET, without a body (public)", response_model=None
+)
 @router.get(
     "/health/live",
     summary="Liveness: the process answers (public)",
@@ -82,7 +84,9 @@ def live() -> JSONResponse:
     return JSONResponse({"status": "alive"})
 
 
-@router.head("/health/ready", include_in_schema=False)
+@router.head(
+    "/health/ready", summary="The same as GET, without a body (public)", response_model=None
+)
 @router.get(
     "/health/ready",
     summary="Readiness: models loaded, API keys read, not shutting down (public)",
@@ -145,7 +149,7 @@ def describe(infos: list[ModelInfo], load_error: str | None) -> str:
     )
 
 
-@router.head("/", include_in_schema=False)
+@router.head("/", summary="The same as GET, without a body (public)", response_model=None)
 @router.get("/", summary="What this service is (public)", response_model=None)
 def root(request: Request) -> JSONResponse:
     service = service_of(request)
