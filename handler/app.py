@@ -10,14 +10,17 @@ every other route a 503 in its dialect's envelope.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from handler.api import health, native, openai, rerank, tokenize, v2
+from handler.api import metrics as metrics_route
 from handler.api.docs import documented_app
 from handler.api.routing import compute_paths, methods_at, record_of, service_of
 from handler.auth import KeyChecker, require_api_key
@@ -25,6 +28,7 @@ from handler.engine.errors import EngineError
 from handler.engine.types import ModelRegistry
 from handler.errors import (
     ApiError,
+    Dialect,
     ErrorKind,
     dialect_for,
     from_engine_error,
@@ -32,7 +36,8 @@ from handler.errors import (
     render,
     strip_prefix,
 )
-from handler.middleware import ServiceMiddleware
+from handler.metrics import Metrics, metrics_for
+from handler.middleware import Drain, ServiceMiddleware
 from handler.service import Service
 from handler.settings import Settings
 
@@ -44,6 +49,7 @@ def create_app(
     engine: ModelRegistry | None = None,
     load_error: str | None = None,
     key_checker: KeyChecker | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """`key_checker`: the API keys, already read (handler/main.py reads them while the models
     load); by default they are read from `settings` here."""
@@ -66,30 +72,48 @@ def create_app(
     app.state.key_checker = key_checker
 
     protected = [Depends(require_api_key)]
-    for router in (openai.router, v2.router, native.router, rerank.router, tokenize.router):
+    # The dialects' routers: every route behind the API key.
+    api_routers = (openai.router, v2.router, native.router, rerank.router, tokenize.router)
+    protected_routes = {id(r) for router in api_routers for r in router.routes}
+    if not settings.metrics_public:
+        protected_routes |= {id(r) for r in metrics_route.router.routes}
+    for router in api_routers:
         app.include_router(router, prefix=prefix, dependencies=protected)
     app.include_router(health.router, prefix=prefix)
+    app.state.metrics = metrics if metrics is not None else metrics_for(settings)
+    app.state.drain = Drain()  # handler/main.py begins it on SIGTERM
+    app.include_router(
+        metrics_route.router,
+        prefix=prefix,
+        dependencies=[] if settings.metrics_public else protected,
+    )
     # The routes as the routers declare them (without the prefix), for the middleware and 405s.
     routes = [
-        r
-        for router in (
-            openai.router,
-            v2.router,
-            native.router,
-            rerank.router,
-            tokenize.router,
-            health.router,
-        )
-        for r in router.routes
+        r for router in (*api_routers, health.router, metrics_route.router) for r in router.routes
     ]
     app.state.api_routes = routes
+    app.state.request_limits = {
+        "openai": settings.max_inputs_openai,
+        "v2": settings.max_inputs_v2,
+        "native": settings.max_inputs_native,
+        "allow_token_ids": settings.allow_token_ids,
+        "default_sparse": registry is not None and registry.default.info.capabilities.sparse,
+        "dims": registry.default.info.dims if registry is not None else None,
+    }
+    app.state.error_statuses = error_statuses(
+        routes, prefix, compute_paths(routes, prefix), protected_routes
+    )
 
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(
-        ServiceMiddleware, settings=settings, compute_paths=compute_paths(routes, prefix)
+        ServiceMiddleware,
+        settings=settings,
+        compute_paths=compute_paths(routes, prefix),
+        metrics=app.state.metrics,
+        drain=app.state.drain,
     )
 
     log.info(
@@ -99,6 +123,36 @@ def create_app(
         prefix,
     )
     return app
+
+
+# Any route can answer these: Content-Length over MAX_REQUEST_BYTES, a bug, a missed deadline.
+ANY_ROUTE = frozenset({413, 500, 504})
+NEEDS_MODEL = frozenset({"/v1/models", "/models", "/models/{model_id}", "/v1/models/{model_id}"})
+
+
+def error_statuses(
+    routes: list[Any], prefix: str, compute: frozenset[str], protected: set[int]
+) -> dict[tuple[str, str], tuple[frozenset[int], Dialect]]:
+    """Per (path, method): the error statuses the route can answer, and its dialect, for the
+    OpenAPI document."""
+    out: dict[tuple[str, str], tuple[frozenset[int], Dialect]] = {}
+    for route in routes:
+        if not isinstance(route, APIRoute):
+            continue
+        local = route.path_format  # without converters: /models/{model_id}, as documented
+        path = prefix + local
+        codes = set(ANY_ROUTE)
+        if id(route) in protected:
+            codes |= {401, 503}  # 503: keys configured but unreadable (fails closed)
+        if prefix + route.path in compute:
+            codes |= {400, 404, 429, 503}
+        if local in NEEDS_MODEL:
+            codes |= {503} | ({404} if "{" in local else set())
+        if local == "/metrics":
+            codes |= {404}  # METRICS is not prometheus
+        for method in route.methods or ():
+            out[(path, method)] = (frozenset(codes), dialect_for(path, prefix))
+    return out
 
 
 # ---- exception handlers --------------------------------------------------------------------------

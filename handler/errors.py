@@ -46,6 +46,7 @@ class ErrorKind(enum.Enum):
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    TIMEOUT = "timeout"  # the server-side deadline passed (REQUEST_TIMEOUT_S, Lambda's time left)
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -58,6 +59,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.OVERLOADED: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
+    ErrorKind.TIMEOUT: 504,
 }
 
 # OpenAI's `error.type` per kind (the official API uses these names).
@@ -71,6 +73,7 @@ OPENAI_TYPE: dict[ErrorKind, str] = {
     ErrorKind.OVERLOADED: "rate_limit_error",
     ErrorKind.UNAVAILABLE: "server_error",
     ErrorKind.INTERNAL: "server_error",
+    ErrorKind.TIMEOUT: "server_error",
 }
 
 # Default `error.code` per kind, where the raiser gives none.
@@ -84,6 +87,7 @@ DEFAULT_CODE: dict[ErrorKind, str] = {
     ErrorKind.OVERLOADED: "overloaded",
     ErrorKind.UNAVAILABLE: "service_unavailable",
     ErrorKind.INTERNAL: "internal_error",
+    ErrorKind.TIMEOUT: "request_timeout",
 }
 
 V2_CODE: dict[ErrorKind, int] = {
@@ -96,6 +100,7 @@ V2_CODE: dict[ErrorKind, int] = {
     ErrorKind.OVERLOADED: 1000029,
     ErrorKind.UNAVAILABLE: 1000028,
     ErrorKind.INTERNAL: 1000028,
+    ErrorKind.TIMEOUT: 1000028,
 }
 
 # Volcengine's documented message stems ("invalid request:%s", "unauthorized",
@@ -110,6 +115,7 @@ V2_STEM: dict[ErrorKind, str] = {
     ErrorKind.OVERLOADED: "quota limited: ",
     ErrorKind.UNAVAILABLE: "service unavailable: ",
     ErrorKind.INTERNAL: "internal error: ",
+    ErrorKind.TIMEOUT: "request timeout: ",
 }
 
 

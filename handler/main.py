@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -122,8 +123,19 @@ app = build_app(settings)
 
 
 def main() -> None:
+    serve(app, settings)
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """uvicorn on settings.host:port until SIGTERM or SIGINT, then a graceful stop: no new
+    connections, requests in flight get SHUTDOWN_GRACE_S to finish (503 `shutting_down` for
+    those that cannot), the micro-batch workers are closed, and the process exits 0."""
+    import math
+    import signal
+
     import uvicorn
 
+    grace = settings.shutdown_grace_s
     # access_log off: the app writes its own JSON line per request (handler/logging.py).
     config = uvicorn.Config(
         app,
@@ -131,12 +143,53 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # uvicorn cancels what is left after this; the app answers its 503s at `grace` first.
+        timeout_graceful_shutdown=math.ceil(grace) + 2,
     )
     # The socket is bound here so that the line below names the address actually bound (with
     # PORT=0, the port the system chose), not the one asked for.
     sock = config.bind_socket()
     log.info("%s", serving_line(sock.getsockname(), settings))
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn re-raises the signal it stopped on once it is done; with this handler in place
+    # that is a no-op, so a SIGTERM that ended in a clean drain exits 0, not 143.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    graceful_server(config, app.state.drain, grace).run(sockets=[sock])
+    close_models(app, grace)
+    busy = [
+        t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+    ]
+    log.info("stopped%s", f" ({len(busy)} threads still in a model call)" if busy else "")
+    if busy:
+        # Threads still inside a model call (answered with a 503 already) would hold the
+        # interpreter open until they return; everything they could produce is discarded.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def close_models(app: FastAPI, timeout_s: float) -> None:
+    """Stop the micro-batch workers. Shutdown withdrew the queued work, so each finishes at most
+    the pass it is running."""
+    for engine in app.state.service.registry or ():
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close(timeout_s)
+
+
+def graceful_server(config: Any, drain: Any, grace_s: float) -> Any:
+    """uvicorn's server, which on SIGTERM/SIGINT also starts the app's grace period (`Drain`):
+    uvicorn stops accepting and waits for connections; the app answers what cannot finish in
+    time. Defined here so that Lambda, which never runs it, never imports uvicorn."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            log.info("signal %d: draining for up to %.1f s", sig, grace_s)
+            drain.begin(grace_s)
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)
 
 
 def serving_line(bound: tuple[Any, ...], settings: Settings) -> str:

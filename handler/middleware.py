@@ -11,17 +11,33 @@ the route returned.
 - MAX_RESPONSE_BYTES -> 413 with a hint, measured as the platform carries the body (on Lambda the
   body is a JSON string inside the invoke response, so escaping counts), instead of Lambda's
   opaque 502;
-- timing headers; and an unexpected exception -> 500 in the dialect's envelope.
+- timing headers; and an unexpected exception -> 500 in the dialect's envelope;
+- a deadline per request (REQUEST_TIMEOUT_S; on Lambda also the invocation's remaining time):
+  past it a 504 in the dialect's envelope, and the request's work leaves the micro-batch queue if
+  it has not started (handler/engine/cancel.py);
+- a client that disconnects: its queued work is withdrawn and nothing is answered;
+- SIGTERM (`Drain`): requests in flight may finish within SHUTDOWN_GRACE_S; those that cannot get
+  a 503 `shutting_down` in their envelope instead of a dropped connection;
+- metrics (handler/metrics.py) from the same record as the log line.
+
+The app runs as its own task so that the middleware can answer at the deadline while the route's
+thread finishes: onnxruntime cannot be interrupted, and an answer must not wait for it. The
+in-flight count drops when that task really ends, so it still counts the cores in use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from handler.engine import cancel
 from handler.errors import ApiError, Dialect, ErrorKind, dialect_for, invalid, render
 from handler.logging import (
     RECORD_SCOPE_KEY,
@@ -31,6 +47,7 @@ from handler.logging import (
     take_cold_start,
     timing_headers,
 )
+from handler.metrics import Metrics, NoMetrics
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +61,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # A platform adapter that cannot turn its event into a request puts the ApiError to answer here;
 # the app then answers it like any other error, with the request id and the log line.
 PLATFORM_ERROR_SCOPE_KEY = "bge_m3.platform_error"
+# Why a request's work was withdrawn (handler/engine/cancel.py).
+DEADLINE = "deadline passed"
+DISCONNECTED = "client disconnected"
+SHUTTING_DOWN = "server shutting down"
+# nginx's "client closed request": logged and counted, never sent (nobody is listening).
+CLIENT_CLOSED_STATUS = 499
 # Room for statusCode, headers and the JSON keys of Lambda's invoke response around the body.
 LAMBDA_ENVELOPE_MARGIN = 4096
 
@@ -67,11 +90,66 @@ def carried_size(body: bytes, *, on_lambda: bool) -> int:
     return len(escaped) + LAMBDA_ENVELOPE_MARGIN
 
 
+class Drain:
+    """The shutdown grace period. `begin` may be called from a signal handler or any thread; each
+    waiting request learns of it through its own event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.deadline: float | None = None  # time.monotonic() by which requests must be done
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self, grace_s: float) -> None:
+        with self._lock:
+            if self.deadline is not None:
+                return
+            self.deadline = time.monotonic() + grace_s
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
+
+    @contextlib.contextmanager
+    def waiter(self) -> Iterator[asyncio.Future[None]]:
+        """A future that completes when draining begins (at once if it has)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            draining = self.deadline is not None
+            if not draining:
+                self._waiters.add(future)
+        if draining:
+            future.set_result(None)
+        try:
+            yield future
+        finally:
+            with self._lock:
+                self._waiters.discard(future)
+            future.cancel()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings, compute_paths: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        compute_paths: frozenset[str],
+        metrics: Metrics | None = None,
+        drain: Drain | None = None,
+    ):
         self.app = app
         self.settings = settings
         self.compute_paths = compute_paths
+        self.metrics = metrics or NoMetrics()
+        self.drain = drain or Drain()
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,28 +169,24 @@ class ServiceMiddleware:
         )
         scope[RECORD_SCOPE_KEY] = record
         reply = _Reply(send, record, dialect, start, settings)
-        counted = False
         try:
             early = self._precheck(scope)
             if early is not None:
                 await reply.error(early)
                 return
             counted = path in self.compute_paths
-            if counted:
-                if self.in_flight >= settings.max_concurrent_requests:
-                    counted = False
-                    await reply.error(
-                        ApiError(
-                            ErrorKind.OVERLOADED,
-                            f"The server is busy: {settings.max_concurrent_requests} requests "
-                            "are already in progress (MAX_CONCURRENT_REQUESTS). Retry after "
-                            f"{settings.retry_after_seconds} s.",
-                            headers={"Retry-After": str(settings.retry_after_seconds)},
-                        )
+            if counted and self.in_flight >= settings.max_concurrent_requests:
+                await reply.error(
+                    ApiError(
+                        ErrorKind.OVERLOADED,
+                        f"The server is busy: {settings.max_concurrent_requests} requests "
+                        "are already in progress (MAX_CONCURRENT_REQUESTS). Retry after "
+                        f"{settings.retry_after_seconds} s.",
+                        headers={"Retry-After": str(settings.retry_after_seconds)},
                     )
-                    return
-                self.in_flight += 1
-            await self.app(scope, self._limited(receive), reply.send)
+                )
+                return
+            await self._serve(scope, receive, reply, counted)
         except Exception:
             log.exception(
                 "unhandled error in %s %s (request %s)", record.method, path, record.request_id
@@ -120,11 +194,70 @@ class ServiceMiddleware:
             if not reply.started:
                 await reply.error(ApiError(ErrorKind.INTERNAL, "Internal server error."))
         finally:
-            if counted:
-                self.in_flight -= 1
             route = scope.get("route")
             record.route = getattr(route, "path", None)
-            log_request(record, (time.perf_counter() - start) * 1000.0)
+            total_ms = (time.perf_counter() - start) * 1000.0
+            log_request(record, total_ms)
+            self.metrics.request(record, total_ms)
+
+    async def _serve(self, scope: Scope, receive: Receive, reply: _Reply, counted: bool) -> None:
+        """Run the app as a task, and answer for it if it misses the deadline or the end of the
+        shutdown grace period."""
+        cancellation = cancel.Cancellation()
+        body = _Body(receive, self.settings.max_request_bytes, cancellation, reply)
+        if counted:
+            self._count(+1)
+        token = cancel.CURRENT.set(cancellation)  # the task's context (and its threads) copy it
+        try:
+            task = asyncio.ensure_future(self.app(scope, body.receive, reply.send))
+        finally:
+            cancel.CURRENT.reset(token)
+        # Registered before anyone awaits the task, so the count drops before the answer goes.
+        task.add_done_callback(functools.partial(self._ended, counted, body))
+        budget = self._budget(scope)
+        deadline = time.monotonic() + budget
+        with self.drain.waiter() as draining:
+            await asyncio.wait(
+                {task, draining}, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not task.done() and draining.done():
+                until = min(deadline, self.drain.deadline or deadline)
+                await asyncio.wait({task}, timeout=max(0.0, until - time.monotonic()))
+        if task.done():
+            task.result()  # its exception, if any, is the middleware's to answer
+            return
+        if reply.started:
+            return  # answered already; what remains is the app's own business
+        shutting_down = self.drain.deadline is not None and self.drain.deadline < deadline
+        cancellation.cancel(SHUTTING_DOWN if shutting_down else DEADLINE)
+        await reply.error(_shutdown_error() if shutting_down else _deadline_error(budget, scope))
+
+    def _budget(self, scope: Scope) -> float:
+        """Seconds this request may take: REQUEST_TIMEOUT_S, and on Lambda no more than the
+        invocation has left (less a margin to send the answer before Lambda stops it)."""
+        budget = self.settings.request_timeout_s
+        remaining = getattr(scope.get("aws.context"), "get_remaining_time_in_millis", None)
+        if callable(remaining):
+            try:
+                left = float(remaining()) / 1000.0 - self.settings.lambda_deadline_margin_s
+            except (TypeError, ValueError):
+                return budget
+            budget = min(budget, max(0.0, left))
+        return budget
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        self.metrics.in_flight(self.in_flight)
+
+    def _ended(self, counted: bool, body: _Body, task: asyncio.Task[None]) -> None:
+        if counted:
+            self._count(-1)
+        body.stop()
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Retrieved here so that the error of a task answered for already (504, 503) is
+            # logged, not reported by asyncio as never retrieved.
+            log.debug("request task ended with %r", error)
 
     def _precheck(self, scope: Scope) -> ApiError | None:
         platform_error = scope.get(PLATFORM_ERROR_SCOPE_KEY)
@@ -141,20 +274,79 @@ class ServiceMiddleware:
                     return _too_large(limit)
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
-        limit = self.settings.max_request_bytes
-        seen = 0
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message.get("type") == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _too_large(limit)
-            return message
+class _Body:
+    """The app's `receive`: counts the body against MAX_REQUEST_BYTES and, once the body is in,
+    listens for the client going away (the app itself does not read again until it answers)."""
 
-        return limited
+    def __init__(
+        self, receive: Receive, limit: int, cancellation: cancel.Cancellation, reply: _Reply
+    ):
+        self._receive = receive
+        self._limit = limit
+        self._cancellation = cancellation
+        self._reply = reply
+        self._seen = 0
+        self._listener: asyncio.Task[Message] | None = None
+
+    async def receive(self) -> Message:
+        if self._listener is not None:
+            try:
+                return await asyncio.shield(self._listener)
+            except asyncio.CancelledError:
+                if self._listener.cancelled():
+                    return {"type": "http.disconnect"}
+                raise
+        message = await self._receive()
+        kind = message.get("type")
+        if kind == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self._limit:
+                raise _too_large(self._limit)
+            if not message.get("more_body", False):
+                self._listener = asyncio.ensure_future(self._listen())
+        elif kind == "http.disconnect":
+            self._gone()
+        return message
+
+    async def _listen(self) -> Message:
+        message = await self._receive()
+        if message.get("type") == "http.disconnect":
+            self._gone()
+        return message
+
+    def _gone(self) -> None:
+        if not self._reply.started:
+            self._reply.abandon()
+            self._cancellation.cancel(DISCONNECTED)
+
+    def stop(self) -> None:
+        if self._listener is not None and not self._listener.done():
+            self._listener.cancel()
+
+
+def _deadline_error(budget: float, scope: Scope) -> ApiError:
+    where = (
+        "REQUEST_TIMEOUT_S or the Lambda invocation's remaining time"
+        if scope.get("aws.context") is not None
+        else "REQUEST_TIMEOUT_S"
+    )
+    return ApiError(
+        ErrorKind.TIMEOUT,
+        f"The request did not finish within {budget:.3g} s ({where}). Send fewer or shorter "
+        "inputs per request, or retry when the service is less busy.",
+        code="request_timeout",
+    )
+
+
+def _shutdown_error() -> ApiError:
+    return ApiError(
+        ErrorKind.UNAVAILABLE,
+        "The server is shutting down and this request could not finish in time. Retry it: "
+        "another instance will answer.",
+        code="shutting_down",
+        headers={"Connection": "close"},
+    )
 
 
 class _Reply:
@@ -180,10 +372,18 @@ class _Reply:
             else "Lambda's 6 MB response limit"
         )
         self.started = False
+        self.abandoned = False  # the client went away: nothing more is sent
         self._head: Message | None = None
         self._chunks: list[bytes] = []
 
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.record.status = CLIENT_CLOSED_STATUS
+        self.record.error_code = "client_disconnected"
+
     async def send(self, message: Message) -> None:
+        if self.started or self.abandoned:
+            return  # answered (a 504 or 503 went first) or nobody listens
         kind = message.get("type")
         if kind == "http.response.start":
             self._head = message
@@ -216,6 +416,8 @@ class _Reply:
         )
 
     async def error(self, error: ApiError) -> None:
+        if self.started or self.abandoned:
+            return
         self.record.error_code = error.code
         response = render(error, self.dialect, self.record.request_id)
         await self._emit(response.status_code, list(response.raw_headers), bytes(response.body))

@@ -80,6 +80,20 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(default=32, ge=1)
     retry_after_seconds: int = Field(default=1, ge=1)
 
+    # ---- operations (docs/operations.md) ---------------------------------------------------------
+    # A request still unanswered after this many seconds gets a 504; on Lambda the invocation's
+    # remaining time (less LAMBDA_DEADLINE_MARGIN_S) caps it, so the 504 beats Lambda's own kill.
+    request_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    lambda_deadline_margin_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    # After SIGTERM: how long requests in flight may take before they get a 503 (Cloud Run sends
+    # SIGKILL 10 s after SIGTERM; 8 s leaves room to answer and close).
+    shutdown_grace_s: float = Field(default=8.0, ge=0.0, le=3600.0)
+    # auto: CloudWatch EMF on Lambda, Prometheus (/metrics) elsewhere.
+    metrics: Literal["auto", "emf", "prometheus", "off"] = "auto"
+    metrics_namespace: str = Field(default="BgeM3", min_length=1, max_length=255)
+    # /metrics reveals traffic: it needs the API key unless this says otherwise.
+    metrics_public: bool = False
+
     # ---- set by the platform, never by hand ------------------------------------------------------
     aws_lambda_function_name: str | None = None
     aws_lambda_function_memory_size: int | None = Field(default=None, ge=1)
@@ -100,7 +114,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("device", "model_verify", mode="before")
+    @field_validator("device", "model_verify", "metrics", mode="before")
     @classmethod
     def _lower_choice(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -174,6 +188,12 @@ class Settings(BaseSettings):
         if memory is None:
             return None
         return min(LAMBDA_MAX_VCPUS, max(1, round(memory / LAMBDA_MB_PER_VCPU)))
+
+    @property
+    def metrics_backend(self) -> Literal["emf", "prometheus", "off"]:
+        if self.metrics == "auto":
+            return "emf" if self.platform == "lambda" else "prometheus"
+        return self.metrics
 
     @property
     def auth_configured(self) -> bool:

@@ -328,6 +328,58 @@ def test_lambda_image_runs_the_snapstart_hooks() -> None:
     assert "snapshot-restore-py" not in runtime_requirements  # the base's own copy serves
 
 
+def test_template_rest_api_with_keys_and_a_usage_plan_is_optional() -> None:
+    template = load_template()
+    params = template["Parameters"]
+    assert params["RestApiWithKeys"]["Default"] == "false"
+    rest = {k: v for k, v in template["Resources"].items() if k.startswith("RestApi")}
+    assert rest and all(v.get("Condition") == "HasRestApi" for v in rest.values())
+    plan = rest["RestApiUsagePlan"]["Properties"]
+    # Rate, burst and quota come from parameters, so each deployment picks its own.
+    assert plan["Throttle"] == {
+        "RateLimit": {"Ref": "UsagePlanRateLimit"},
+        "BurstLimit": {"Ref": "UsagePlanBurstLimit"},
+    }
+    assert plan["Quota"] == {
+        "Limit": {"Ref": "UsagePlanQuotaLimit"},
+        "Period": {"Ref": "UsagePlanQuotaPeriod"},
+    }
+    assert set(params["UsagePlanQuotaPeriod"]["AllowedValues"]) == {"DAY", "WEEK", "MONTH"}
+    methods = {
+        k: v["Properties"] for k, v in rest.items() if v["Type"] == "AWS::ApiGateway::Method"
+    }
+    # Every route needs a key but the health check; all go to the live alias through Lambda proxy.
+    assert {k: m["ApiKeyRequired"] for k, m in methods.items()} == {
+        "RestApiProxyMethod": True,
+        "RestApiRootMethod": True,
+        "RestApiHealthMethod": False,
+    }
+    assert all(m["Integration"]["Type"] == "AWS_PROXY" for m in methods.values())
+    assert rest["RestApiUsagePlanKey"]["Properties"]["KeyId"] == {"Ref": "RestApiKey"}
+
+
+def test_template_alarms_and_dashboard_use_the_services_emf_metrics() -> None:
+    from handler.settings import Settings
+
+    namespace = Settings.model_fields["metrics_namespace"].default
+    resources = load_template()["Resources"]
+    errors = resources["ServiceErrorsAlarm"]["Properties"]
+    latency = resources["ServiceLatencyAlarm"]["Properties"]
+    for alarm in (errors, latency):
+        assert alarm["Namespace"] == namespace
+        # The EMF `service` dimension is the function name (handler/metrics.py).
+        assert alarm["Dimensions"] == [{"Name": "service", "Value": {"Ref": "EmbeddingFunction"}}]
+    assert errors["MetricName"] == "ServerErrors" and latency["MetricName"] == "LatencyTotal"
+    throttles = resources["ServiceThrottlesAlarm"]["Properties"]["Metrics"]
+    assert {m["MetricStat"]["Metric"]["MetricName"] for m in throttles if "MetricStat" in m} == {
+        "Throttles",
+        "Requests",
+    }
+    body = resources["ServiceDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]
+    for name in ("Requests", "ServerErrors", "Throttles", "LatencyTotal", "Tokens", "ColdStart"):
+        assert f'"{name}"' in body
+
+
 # ---- Dockerfiles --------------------------------------------------------------------------------
 
 
@@ -440,8 +492,21 @@ def test_cloud_run_services(name: str) -> None:
     )
     spec = template["spec"]
     assert spec["containerConcurrency"] >= 1
-    (container,) = spec["containers"]
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    containers = {c["name"]: c for c in spec["containers"]}
+    container = containers["bge-m3"]
+    # Startup waits for readiness (models loaded, keys read); liveness asks only that it answers.
+    assert container["startupProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    # The grace period ends before Cloud Run's SIGKILL (10 s after SIGTERM), the deadline before
+    # the platform's request timeout.
+    assert float(env["SHUTDOWN_GRACE_S"]) < 10
+    assert float(env["REQUEST_TIMEOUT_S"]) < spec["timeoutSeconds"]
+    # Metrics: the Managed Prometheus sidecar scrapes /metrics and starts after the service.
+    assert "cloud-run-gmp-sidecar" in containers["collector"]["image"]
+    assert json.loads(annotations["run.googleapis.com/container-dependencies"]) == {
+        "collector": ["bge-m3"]
+    }
     # PORT is Cloud Run's to set; the app listens on it.
     assert "PORT" not in {e["name"] for e in container.get("env", [])}
     # No unauthenticated access from this file: that is an IAM binding, never granted here.

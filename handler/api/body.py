@@ -59,7 +59,9 @@ async def parse_body(request: Request, model: type[M], hints: Mapping[str, str])
     if not raw.strip():
         raise invalid("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return model.model_validate_json(raw)
+        # Strict: `true` is a boolean and `0` is not, as the OpenAPI document says; lax parsing
+        # would take 0, "yes" or "off" for booleans and 3.0 for an integer.
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise validation_message(exc, hints) from None
 

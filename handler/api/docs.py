@@ -10,6 +10,40 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """The OpenAI and native dialects' error body (handler/errors.py)."""
+
+    error: ErrorDetail
+
+
+class V2Error(BaseModel):
+    """The v2 dialect's error body: Volcengine's numeric code (handler/errors.py)."""
+
+    code: int
+    message: str
+    request_id: str
+
+
+# What each status means, for the documented responses.
+STATUS_TEXT = {
+    400: "Invalid request (bad JSON, empty or too many inputs, too many tokens, ...)",
+    401: "Missing or wrong API key",
+    404: "Unknown model",
+    413: "Request or response too large",
+    429: "Too many requests in progress (Retry-After says when to retry)",
+    500: "Internal error",
+    503: "Model not loaded, API keys unreadable, or shutting down",
+    504: "The request did not finish before its deadline",
+}
+
 # Request bodies are parsed by hand (handler/api/body.py), so FastAPI does not see their
 # schemas; the routes register them here for /docs.
 DOC_MODELS: list[type[BaseModel]] = []
@@ -29,6 +63,122 @@ def add_doc_schemas(openapi: dict[str, Any]) -> None:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+
+
+def add_error_responses(
+    openapi: dict[str, Any], statuses: dict[tuple[str, str], tuple[frozenset[int], str]]
+) -> None:
+    """Every status an operation can answer, with its dialect's envelope as the schema; FastAPI's
+    422 goes (the app answers validation failures with 400)."""
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorDetail, ErrorEnvelope, V2Error):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    for path, operations in openapi.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            codes, dialect = statuses.get((path, method.upper()), (frozenset(), "native"))
+            envelope = "V2Error" if dialect == "v2" else "ErrorEnvelope"
+            for status in sorted(codes):
+                responses.setdefault(
+                    str(status),
+                    {
+                        "description": STATUS_TEXT.get(status, "Error"),
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{envelope}"}
+                            }
+                        },
+                    },
+                )
+
+
+def _texts(limit: int) -> dict[str, Any]:
+    """A non-empty string, or 1..limit non-empty strings: what Service.check_texts enforces."""
+    text = {"type": "string", "minLength": 1}
+    return {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": limit}]}
+
+
+def _not_all_off(switches: dict[str, bool]) -> dict[str, Any]:
+    """At least one output on: all off is a 400 ("Ask for at least one of ..."). `switches` maps
+    each switch to its default; a switch that defaults to off is off when absent too. null means
+    the default as well (the sparse switches: on when the default model has sparse weights)."""
+    off: dict[str, Any] = {
+        name: {"const": False} if on else {"enum": [False, None]} for name, on in switches.items()
+    }
+    return {"not": {"required": [n for n, on in switches.items() if on], "properties": off}}
+
+
+# max_length counts <s> and </s>: below 3 no token of the text fits, and the engine says so.
+MIN_MAX_LENGTH = 3
+
+
+def add_request_constraints(openapi: dict[str, Any], limits: dict[str, Any]) -> None:
+    """The request rules the service enforces beyond the pydantic models' shapes, so that a
+    schema-valid request is an accepted one: non-empty texts, MAX_INPUTS_* per dialect, token
+    ids only with ALLOW_TOKEN_IDS, max_length of at least 3, three score weights, one output."""
+    schemas = openapi.get("components", {}).get("schemas", {})
+
+    def props(name: str) -> dict[str, Any]:
+        result: dict[str, Any] = schemas.get(name, {}).get("properties", {})
+        return result
+
+    openai = props("OpenAIEmbeddingRequest")
+    if "input" in openai:
+        texts = _texts(limits["openai"])
+        if limits["allow_token_ids"]:
+            ids = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+            ids_list = {"type": "array", "items": ids, "minItems": 1, "maxItems": limits["openai"]}
+            texts["anyOf"] += [{**ids, "minItems": 1, "maxItems": limits["openai"]}, ids_list]
+        openai["input"] = {**openai["input"], **texts}
+        openai["input"].pop("type", None)
+    for branch in openai.get("dimensions", {}).get("anyOf", []):
+        if branch.get("type") == "integer" and limits.get("dims"):
+            branch.update(minimum=1, maximum=limits["dims"])  # of the default model
+            openai["dimensions"]["description"] = (
+                "At most the embedding size of the model asked for (the maximum shown is the "
+                "default model's); a 400 otherwise."
+            )
+    native = props("NativeEmbeddingRequest")
+    if "input" in native:
+        native["input"] = {**native["input"], **_texts(limits["native"])}
+    score = props("ScoreRequest")
+    for field in ("sentences_1", "sentences_2"):
+        if field in score:
+            score[field] = {**score[field], **_texts(limits["native"])}
+    if "sentences_2" in score:
+        score["sentences_2"]["description"] = (
+            "As many texts as sentences_1 (pairs are scored index by index); a 400 otherwise."
+        )
+    if "weights" in score:
+        # Non-negative, and at least one positive (the engine refuses an all-zero sum).
+        score["weights"].update(minItems=3, maxItems=3, contains={"exclusiveMinimum": 0})
+        score["weights"]["items"] = {"type": "number", "minimum": 0}
+    for name in ("NativeEmbeddingRequest", "ScoreRequest"):
+        max_length = props(name).get("max_length", {})
+        for branch in max_length.get("anyOf", []):
+            if branch.get("type") == "integer":
+                branch["minimum"] = MIN_MAX_LENGTH
+    v2 = props("V2EmbeddingRequest")
+    if "data" in v2:
+        v2["data"].update(minItems=1, maxItems=limits["v2"])
+    item = schemas.get("V2Item")
+    if item is not None:
+        # data_type is compared stripped and case-blind; text is required for text items.
+        item["properties"]["data_type"]["pattern"] = r"^\s*[Tt][Ee][Xx][Tt]\s*$"
+        item["properties"]["text"] = {"type": "string", "minLength": 1, "title": "Text"}
+        item["required"] = ["data_type", "text"]
+    sparse = bool(limits["default_sparse"])
+    if "InputType" in schemas:
+        schemas["InputType"].update(
+            _not_all_off({"dense": True, "sparse": sparse, "colbert": False})
+        )
+    if "V2Params" in schemas:
+        schemas["V2Params"].update(_not_all_off({"return_dense": True, "return_sparse": sparse}))
 
 
 def documented_app(*, title: str, version: str, description: str, prefix: str) -> FastAPI:
@@ -53,6 +203,10 @@ def documented_app(*, title: str, version: str, description: str, prefix: str) -
                 routes=app.routes,
             )
             add_doc_schemas(schema)
+            add_error_responses(schema, getattr(app.state, "error_statuses", {}))
+            limits = getattr(app.state, "request_limits", None)
+            if limits is not None:
+                add_request_constraints(schema, limits)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,6 +1,7 @@
-"""Public routes: GET /health (no API key; 503 with the reason when the service cannot serve) and
-GET / (a short description of the service and of the models it really serves). Both answer HEAD
-too, which uptime checkers send."""
+"""Public routes: GET /health (no API key; 503 with the reason when the service cannot serve),
+GET /health/live (the process answers: a liveness probe), GET /health/ready (models loaded, key
+source read, not shutting down: a readiness or startup probe) and GET / (a short description of the
+service and of the models it really serves). All answer HEAD too, which uptime checkers send."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Health(BaseModel):
     error: str | None = None
 
 
-@router.head("/health", include_in_schema=False)
+@router.head("/health", summary="The same as GET, without a body (public)", response_model=None)
 @router.get(
     "/health",
     summary="Liveness and readiness (public)",
@@ -46,14 +47,61 @@ class Health(BaseModel):
     responses={200: {"model": Health}, 503: {"model": Health}},
 )
 def health(request: Request) -> JSONResponse:
+    return _health(request)
+
+
+def readiness_problems(request: Request) -> list[str]:
+    """Why this process cannot serve now; empty when it can."""
     service = service_of(request)
     key_checker: KeyChecker = request.app.state.key_checker
-    registry = service.registry
     problems: list[str] = []
-    if registry is None:
+    if service.registry is None:
         problems.append(f"model not loaded: {service.load_error or 'unknown reason'}")
     if key_checker.unavailable_reason is not None:
         problems.append(key_checker.unavailable_reason)
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.draining:
+        problems.append("shutting down")
+    return problems
+
+
+class Live(BaseModel):
+    status: Literal["alive"]
+
+
+@router.head(
+    "/health/live", summary="The same as GET, without a body (public)", response_model=None
+)
+@router.get(
+    "/health/live",
+    summary="Liveness: the process answers (public)",
+    response_model=None,
+    responses={200: {"model": Live}},
+)
+def live() -> JSONResponse:
+    # Nothing else is checked: a process without its model is not fixed by a restart loop, and
+    # readiness already keeps traffic away from it.
+    return JSONResponse({"status": "alive"})
+
+
+@router.head(
+    "/health/ready", summary="The same as GET, without a body (public)", response_model=None
+)
+@router.get(
+    "/health/ready",
+    summary="Readiness: models loaded, API keys read, not shutting down (public)",
+    response_model=None,
+    responses={200: {"model": Health}, 503: {"model": Health}},
+)
+def ready(request: Request) -> JSONResponse:
+    return _health(request)
+
+
+def _health(request: Request) -> JSONResponse:
+    service = service_of(request)
+    key_checker: KeyChecker = request.app.state.key_checker
+    registry = service.registry
+    problems = readiness_problems(request)
     models: list[dict[str, Any]] = []
     for engine in registry or ():
         info = engine.info
@@ -101,7 +149,7 @@ def describe(infos: list[ModelInfo], load_error: str | None) -> str:
     )
 
 
-@router.head("/", include_in_schema=False)
+@router.head("/", summary="The same as GET, without a body (public)", response_model=None)
 @router.get("/", summary="What this service is (public)", response_model=None)
 def root(request: Request) -> JSONResponse:
     service = service_of(request)
@@ -121,7 +169,11 @@ def root(request: Request) -> JSONResponse:
                     f"POST {prefix}/score",
                     f"GET {prefix}/models",
                 ],
-                "health": [f"GET {prefix}/health"],
+                "health": [
+                    f"GET {prefix}/health",
+                    f"GET {prefix}/health/live",
+                    f"GET {prefix}/health/ready",
+                ],
             },
             "docs": f"{prefix}/docs",
         }

@@ -116,7 +116,15 @@ def _texts(items: list[V2Item]) -> list[str]:
     return texts
 
 
-@router.get(PATH, include_in_schema=False)  # Volcengine lists POST and GET; its SDKs send POST
+# Volcengine lists POST and GET (its SDKs send POST); both are documented, so that a 405's Allow
+# header names only documented methods.
+@router.get(
+    PATH,
+    summary="The same as POST (Volcengine lists GET too)",
+    response_model=None,
+    responses={200: {"model": V2EmbeddingResponse}},
+    openapi_extra=body_doc(V2EmbeddingRequest),
+)
 @router.post(
     PATH,
     summary="Embed texts (Volcengine embedding v2 wire format)",

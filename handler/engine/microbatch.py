@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
-from handler.engine import scoring
+from handler.engine import cancel, scoring
 from handler.engine.compact import Ranges
 from handler.engine.engine import Engine
 from handler.engine.errors import EngineError
@@ -177,7 +177,24 @@ class MicroBatcher(scoring.PairScoring):
     def _submit(self, ids: list[list[int]], heads: Heads, tokenize_ms: float) -> Encoded:
         self.engine.check_heads(*heads)  # a capability error is the caller's, not the group's
         job = self._enqueue(ids, heads, tokenize_ms)
-        return self._wait(job)
+        cancellation = cancel.current()
+        if cancellation is None:
+            return self._wait(job)
+        # A request whose caller gave up (deadline, disconnect, shutdown) leaves the queue
+        # before it costs a forward pass; one already in a pass runs to the end.
+        unregister = cancellation.on_cancel(lambda reason: self._withdraw(job, reason))
+        try:
+            return self._wait(job)
+        finally:
+            unregister()
+
+    def _withdraw(self, job: _Job, reason: str) -> None:
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # taken into a pass already: its result comes as usual
+        job.future.set_exception(cancel.Cancelled(reason))
 
     def _enqueue(self, ids: list[list[int]], heads: Heads, tokenize_ms: float) -> _Job:
         with self._cond:
