@@ -289,3 +289,19 @@ def test_docs_load_everything_from_the_app_itself() -> None:
         r = app.get(asset)
         assert r.status_code == 200 and len(r.content) > 1000, asset
     assert app.get("/embed/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1e308, 1e308, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [-1.0, 1.0, 1.0]],
+    ids=["overflowing", "no-dense-or-sparse", "all-zero", "negative"],
+)
+def test_score_refuses_weights_whose_means_are_undefined(weights: list[float]) -> None:
+    """Weights that would make a hybrid score NaN (inf / inf, or 0 / 0) are a 400, never a null
+    score or a 500."""
+    client = TestClient(make_app(bge_m3_like()))
+    response = client.post(
+        "/score", json={"sentences_1": ["a b"], "sentences_2": ["c d"], "weights": weights}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "weights"

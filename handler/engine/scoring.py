@@ -7,6 +7,7 @@ wrapper such as the micro-batcher scores through its own encode).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -82,6 +83,13 @@ def score_pairs(
             param="sentences_2",
         )
     check_weights(weights)
+    if weights[0] + weights[1] <= 0:
+        # sparse+dense is the weighted mean of those two scores alone: it needs one of them.
+        raise InputError(
+            "weights: the dense and sparse weights must not both be 0 (sparse+dense is their "
+            "weighted mean)",
+            param="weights",
+        )
     caps = engine.info.capabilities
     try:
         both = engine.encode(
@@ -119,9 +127,15 @@ def score_pairs(
 
 
 def check_weights(weights: Sequence[float]) -> None:
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+    """Three non-negative finite weights whose sum is finite and positive: huge weights would
+    overflow the weighted means to inf / inf = NaN, which JSON cannot carry."""
+    if (
+        len(weights) != 3
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or not 0 < sum(weights) < math.inf
+    ):
         raise InputError(
-            "weights must be three non-negative numbers [dense, sparse, colbert] with a "
+            "weights must be three finite non-negative numbers [dense, sparse, colbert] with a "
             "positive sum",
             param="weights",
         )
