@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,8 +135,12 @@ def run_level(port: int, clients: int, total: int, text: str, plan: Plan) -> Jso
     }
 
 
-def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) -> Json:
-    """Start the server on a free loopback port, run every level, always stop the server."""
+@contextmanager
+def served(
+    artifact: Path, log_file: Path, start_timeout_s: float
+) -> Iterator[tuple[int, int, float]]:
+    """`python -m handler.main` serving `artifact` on a free loopback port, its output in
+    `log_file`: yields (pid, port, seconds to healthy) and always stops the server."""
     port = free_port()
     env = {
         **os.environ,
@@ -145,7 +151,6 @@ def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) 
         "PYTHONUNBUFFERED": "1",
     }
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    result: Json = {"port": port, "tokens_per_request": tokens, "levels": {}}
     with log_file.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "handler.main"],
@@ -157,9 +162,19 @@ def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) 
             start_new_session=True,
         )
         try:
-            start_s = wait_healthy(proc, port, plan.start_timeout_s)
+            yield proc.pid, port, wait_healthy(proc, port, start_timeout_s)
+        finally:
+            stop_process(proc)
+
+
+def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) -> Json:
+    """Start the server on a free loopback port, run every level, always stop the server."""
+    result: Json = {"tokens_per_request": tokens, "levels": {}}
+    try:
+        with served(artifact, log_file, plan.start_timeout_s) as (pid, port, start_s):
+            result["port"] = port
             result["start_s"] = round(start_s, 3)
-            result["rss_after_load_mib"] = round(rss_mib(proc.pid), 1)
+            result["rss_after_load_mib"] = round(rss_mib(pid), 1)
             say("concurrency", f"server healthy on {HOST}:{port} after {start_s:.1f}s")
             warm = run_level(port, 1, 1, text, plan)  # one request: the route's first call
             if warm["ok"] != 1:
@@ -175,11 +190,9 @@ def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) 
                     f"{clients:>2} clients: {level['ok']}/{level['planned']} ok, "
                     f"{level['requests_per_s']} req/s, p95 {level['p95_ms']} ms",
                 )
-            result["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)
-        except Exception as exc:
-            result["error"] = f"{exc}; server log: {log_file}"
-        finally:
-            stop_process(proc)
+            result["peak_rss_mib"] = round(peak_rss_mib(pid), 1)
+    except Exception as exc:
+        result["error"] = f"{exc}; server log: {log_file}"
     if "error" in result:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
         result["server_log_tail"] = tail

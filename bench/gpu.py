@@ -47,10 +47,11 @@ PLAN = concurrency.Plan(
 )
 
 
-def gpu_name() -> str | None:
+def nvidia_smi(query: str) -> str | None:
+    """One `nvidia-smi --query-gpu` field list for the first GPU, or None without one."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -58,20 +59,15 @@ def gpu_name() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.strip().splitlines()
+    return lines[0] if lines else None
 
 
 def gpu_memory_used_mib() -> float | None:
+    used = nvidia_smi("memory.used")
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return float(out.stdout.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return float(used) if used is not None else None
+    except ValueError:
         return None
 
 
@@ -165,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-concurrency", action="store_true")
     args = parser.parse_args(argv)
 
-    result: Json = {"machine": machine_info(), "gpu": gpu_name()}
+    result: Json = {
+        "machine": machine_info(),
+        "gpu": nvidia_smi("name,driver_version,memory.total"),
+    }
     result["packages"] = {
         name: package_version(name) for name in ("onnxruntime-gpu", "onnxruntime", "numpy")
     }

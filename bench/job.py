@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO_ROOT, Json, machine_info, say, stop_process
-from bench.concurrency import HOST, free_port, wait_healthy
+from bench.common import REPO_ROOT, Json, machine_info, say
+from bench.concurrency import HOST, served
 from bench.prep import Prep
 
 
@@ -103,23 +103,9 @@ def _post(conn: http.client.HTTPConnection, texts: list[str]) -> int:
 
 def run_api(model: Path, texts: list[str], plan: JobPlan, log_file: Path) -> Json:
     """One client, requests one after another: what a user's indexing loop does."""
-    port = free_port()
-    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "HOST": HOST,
-           "MODEL_VERIFY": "size", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     result: Json = {"batch_sizes": {}}
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "handler.main"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_healthy(proc, port, 300)
+    try:
+        with served(model, log_file, 300) as (_pid, port, _start_s):
             conn = http.client.HTTPConnection(HOST, port, timeout=plan.timeout_s)
             _post(conn, texts[:1])  # the route's first call
             for size in plan.batch_sizes:
@@ -135,10 +121,8 @@ def run_api(model: Path, texts: list[str], plan: JobPlan, log_file: Path) -> Jso
                 }
                 say("job", f"API, batches of {size}: {len(texts) / seconds:.1f} rows/s")
             conn.close()
-        except Exception as exc:
-            result["error"] = f"{exc}; server log: {log_file}"
-        finally:
-            stop_process(proc)
+    except Exception as exc:
+        result["error"] = f"{exc}; server log: {log_file}"
     sizes = result["batch_sizes"]
     if sizes:
         best = max(sizes, key=lambda b: sizes[b]["tokens_per_s"])

@@ -27,8 +27,15 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 @schema.parametrize()
+# derandomize: the same examples on every run, so that CI never turns red by chance; raise
+# max_examples and drop derandomize locally to explore further (150 random examples per operation
+# found the NaN scores of overflowing /score weights, now a 400).
 @hypothesis_settings(
-    max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+    derandomize=True,
 )
 def test_every_answer_matches_the_openapi_document(case: Any) -> None:
     case.call_and_validate(
