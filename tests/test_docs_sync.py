@@ -70,8 +70,9 @@ def codes_in_handler() -> set[str]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 for kw in node.keywords:
-                    if kw.arg == "code" and isinstance(kw.value, ast.Constant):
-                        codes.add(str(kw.value.value))
+                    value = kw.value
+                    if kw.arg == "code" and isinstance(value, ast.Constant):
+                        codes |= {value.value} if isinstance(value.value, str) else set()
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 a = node.args
                 positional = a.args[len(a.args) - len(a.defaults) :]
@@ -79,7 +80,7 @@ def codes_in_handler() -> set[str]:
                 pairs += [*zip(a.kwonlyargs, a.kw_defaults, strict=True)]
                 for arg, default in pairs:
                     if arg.arg == "code" and isinstance(default, ast.Constant):
-                        codes.add(str(default.value))
+                        codes |= {default.value} if isinstance(default.value, str) else set()
     return codes
 
 
