@@ -8,9 +8,10 @@ With SnapStart, the hooks in handler/snapstart.py renew per-environment state af
 
 from mangum import Mangum
 
-from handler.lambda_adapter import STRICT_HANDLERS
+from handler.lambda_adapter import STRICT_HANDLERS, keep_worker_threads
 from handler.main import app, settings
 from handler.snapstart import register_hooks
 
 handler = Mangum(app, lifespan="off", custom_handlers=STRICT_HANDLERS)
+keep_worker_threads()  # one route thread for every invocation, not a new one each
 register_hooks(app, settings, handler)  # SnapStart's before-snapshot and after-restore hooks
