@@ -87,6 +87,9 @@ class Mode:
     # own. Smoke runs it in the main job's process: a second process would import everything
     # again (FlagEmbedding alone: 7 CPU-seconds) for a peak that means nothing on the tiny model.
     long_in_main_process: bool = False
+    # The 9-token query through the Lambda handler and through uvicorn, each alternated with the
+    # engine call alone (bench/overhead.py): requests each way.
+    overhead_reps: int = 300
 
 
 FULL = Mode(
@@ -132,6 +135,7 @@ SMOKE = Mode(
     prep_jobs=3,
     engine_jobs=3,
     long_in_main_process=True,
+    overhead_reps=10,
 )
 
 
@@ -257,6 +261,7 @@ def worker(
         "texts_file": str(texts_file),
         "throughput_reps": mode.throughput_reps,
         "long_in_main_process": mode.long_in_main_process,
+        "overhead_reps": mode.overhead_reps,
     }
     env = {
         **os.environ,

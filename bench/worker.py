@@ -422,6 +422,24 @@ def long_text(runner: Any, item: Json, engine: str) -> Json:
     return result
 
 
+def overhead(runner: OursRunner, query: str, reps: int, engine: str) -> Json:
+    """The path around the model for the 9-token query, measured one way for both hosts."""
+    from bench import overhead as oh
+    from handler.main import settings
+
+    out: Json = {"lambda": oh.lambda_overhead(runner.handler, runner.engine, settings, query, reps)}
+    env = {k: v for k, v in os.environ.items() if k not in ("BENCH_T0",)}
+    out["uvicorn"] = oh.uvicorn_overhead(runner.engine, settings, query, reps, env)
+    for host, figures in out.items():
+        say(
+            "overhead",
+            f"{engine}: {host}: p50 {figures['handler_p50_ms']:.2f} - engine "
+            f"{figures['engine_p50_ms']:.2f} = {figures['p50_difference_ms']:.2f} ms; wall minus "
+            f"stages p50 {figures['wall_minus_stages_p50_ms']:.2f} ms",
+        )
+    return out
+
+
 def run(spec: Json, t0: float) -> Json:
     texts: Json = json.loads(Path(spec["texts_file"]).read_text())
     engine, kind, job = spec["engine"], spec["kind"], spec["job"]
@@ -444,6 +462,8 @@ def run(spec: Json, t0: float) -> Json:
         result["throughput"] = throughput(
             runner, texts["throughput"], int(spec["throughput_reps"]), engine
         )
+        if kind == "ours" and spec.get("overhead_reps"):
+            result["overhead"] = overhead(runner, query, int(spec["overhead_reps"]), engine)
         if spec.get("long_in_main_process"):
             result["long_text"] = long_text(runner, texts["long"], engine)
             result["long_text"]["process"] = "the main job's (smoke: its peak includes the rest)"

@@ -1,0 +1,254 @@
+"""What the path around the model costs: one query, the same request both ways.
+
+- Lambda: the handler (`handler.lambda_function.handler`, a Function URL event, Mangum, the app)
+  against the engine called directly with the options the route passes, alternately in one
+  process, so that both see the same machine noise;
+- uvicorn: a real `python -m handler.main` on 127.0.0.1, one client on one keep-alive connection,
+  against the same direct engine calls in this process.
+
+Two figures each: handler p50 minus engine p50, and per response its wall time minus the stages
+its own `x-*-time` headers report (tokenize, queue, infer, post), whose median is steadier than a
+difference of medians.
+
+    python -m bench.overhead MODEL_DIR [--reps 300] [--no-uvicorn] --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.common import Json, ms_since, percentile
+
+EVENT_FILE = Path(__file__).with_name("events") / "function_url_post_iam.json"
+# The engine's own stages; x-total-time is the middleware's whole request and is not one.
+STAGE_HEADER = re.compile(r"^x-(?!total-)[a-z0-9-]+-time$")
+SERVING = re.compile(r"serving on http://([^\s:/]+):(\d+)")
+
+
+class LambdaContext:
+    """What Mangum and the middleware read from Lambda's context object."""
+
+    function_name = "bge-m3-bench"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bge-m3-bench"
+    memory_limit_in_mb = 10240
+    aws_request_id = "bench-request"
+    log_group_name = "/aws/lambda/bge-m3-bench"
+    log_stream_name = "bench"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 900_000
+
+
+def request_body(text: str) -> str:
+    """The 9-token query as the OpenAI dialect gets it: dense vectors only, as floats."""
+    return json.dumps({"input": [text], "model": "bge-m3", "encoding_format": "float"})
+
+
+def lambda_event(text: str) -> Json:
+    event: Json = json.loads(EVENT_FILE.read_text())
+    event["body"] = request_body(text)
+    return event
+
+
+def stages_ms(headers: Mapping[str, str]) -> float:
+    return sum(float(v) for k, v in headers.items() if STAGE_HEADER.match(k.lower()))
+
+
+def direct_call(engine: Any, text: str, settings: Any) -> Callable[[], object]:
+    """The engine call the OpenAI route makes for this request (dense only, the default
+    truncation and limits), without the service, the app or the adapter around it."""
+    max_length = engine.info.max_length
+    if settings.max_input_tokens is not None:
+        max_length = min(max_length, settings.max_input_tokens)
+
+    def call() -> object:
+        return engine.encode(
+            [text],
+            dense=True,
+            sparse=False,
+            colbert=False,
+            max_length=max_length,
+            truncate=True,
+            max_tokens=settings.max_tokens_per_request,
+        )
+
+    return call
+
+
+def summary(handler: list[float], engine: list[float], residual: list[float]) -> Json:
+    """The two overhead figures, with their spread (quartiles of the per-response residual)."""
+    return {
+        "n": len(handler),
+        "handler_p50_ms": round(percentile(handler, 50), 3),
+        "engine_p50_ms": round(percentile(engine, 50), 3),
+        "p50_difference_ms": round(percentile(handler, 50) - percentile(engine, 50), 3),
+        "wall_minus_stages_p50_ms": round(percentile(residual, 50), 3),
+        "wall_minus_stages_p25_ms": round(percentile(residual, 25), 3),
+        "wall_minus_stages_p75_ms": round(percentile(residual, 75), 3),
+        "wall_minus_stages_p95_ms": round(percentile(residual, 95), 3),
+    }
+
+
+def lambda_overhead(handler: Any, engine: Any, settings: Any, text: str, reps: int) -> Json:
+    """Handler and engine, alternately, `reps` times each (after a warm-up of both)."""
+    direct = direct_call(engine, text, settings)
+    context = LambdaContext()
+    event = lambda_event(text)
+    direct()
+    for _ in range(3):
+        handler(dict(event), context)
+    handler_ms, engine_ms, residual = [], [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        response = handler(dict(event), context)
+        wall = ms_since(t)
+        if response.get("statusCode") != 200:
+            raise RuntimeError(f"the Lambda handler answered {response.get('statusCode')}")
+        handler_ms.append(wall)
+        residual.append(wall - stages_ms(response.get("headers") or {}))
+        t = time.perf_counter()
+        direct()
+        engine_ms.append(ms_since(t))
+    return {
+        "path": "Lambda handler (Function URL event) -> POST /v1/embeddings, dense only",
+        **summary(handler_ms, engine_ms, residual),
+    }
+
+
+def start_server(env: Mapping[str, str]) -> tuple[subprocess.Popen[str], str, int]:
+    """`python -m handler.main` on a free loopback port; returns once it logged its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "handler.main"],
+        env={**env, "HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO"},
+        stdout=subprocess.DEVNULL,  # the per-request JSON lines
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        found = SERVING.search(line)
+        if found:
+            # Drain the rest of stderr in the background so the server never blocks on it.
+            import threading
+
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, found.group(1), int(found.group(2))
+    proc.wait()
+    raise RuntimeError(f"handler.main exited {proc.returncode} before serving")
+
+
+def connect(conn: http.client.HTTPConnection, timeout_s: float = 30.0) -> None:
+    """The address is logged once bound; uvicorn listens a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.connect()
+            return
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def uvicorn_overhead(
+    engine: Any, settings: Any, text: str, reps: int, env: Mapping[str, str]
+) -> Json:
+    """One client, one keep-alive connection, alternately with the direct engine call here."""
+    direct = direct_call(engine, text, settings)
+    proc, host, port = start_server(env)
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        body = request_body(text).encode()
+        head = {"content-type": "application/json"}
+
+        def post() -> tuple[float, dict[str, str]]:
+            t = time.perf_counter()
+            conn.request("POST", "/v1/embeddings", body=body, headers=head)
+            response = conn.getresponse()
+            response.read()
+            wall = ms_since(t)
+            if response.status != 200:
+                raise RuntimeError(f"uvicorn answered {response.status}")
+            return wall, {k.lower(): v for k, v in response.getheaders()}
+
+        direct()
+        connect(conn)
+        for _ in range(3):
+            post()
+        handler_ms, engine_ms, residual = [], [], []
+        for _ in range(reps):
+            wall, headers = post()
+            handler_ms.append(wall)
+            residual.append(wall - stages_ms(headers))
+            t = time.perf_counter()
+            direct()
+            engine_ms.append(ms_since(t))
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "path": "python -m handler.main (uvicorn, 127.0.0.1), one keep-alive client -> "
+        "POST /v1/embeddings, dense only; the engine here, in the client's process",
+        **summary(handler_ms, engine_ms, residual),
+    }
+
+
+def measure(text: str, reps: int, *, uvicorn: bool) -> Json:
+    """Both figures, in this process (its environment names the model: MODEL_PATH)."""
+    import importlib
+
+    from bench.worker import find_engines
+
+    module = importlib.import_module("handler.lambda_function")
+    from handler.main import settings
+
+    engines = find_engines()
+    if not engines:
+        raise RuntimeError("no handler.engine.Engine loaded")
+    out: Json = {
+        "lambda": lambda_overhead(module.handler, engines[0], settings, text, reps),
+    }
+    if uvicorn:
+        # The server is not on Lambda, whatever this process pretends.
+        env = {k: v for k, v in os.environ.items() if k != "AWS_LAMBDA_FUNCTION_NAME"}
+        out["uvicorn"] = uvicorn_overhead(engines[0], settings, text, reps, env)
+    return out
+
+
+def nine_tokens(model: Path) -> str:
+    from bench.texts import TokenTexts
+
+    return TokenTexts(model / "tokenizer.json").make(9, seed=9)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
+    parser.add_argument("model", type=Path, help="a directory made by python -m model_build")
+    parser.add_argument("--reps", type=int, default=300)
+    parser.add_argument("--no-uvicorn", action="store_true")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the JSON figures (stdout has the request logs)"
+    )
+    args = parser.parse_args(argv)
+    os.environ["MODEL_PATH"] = str(args.model)
+    os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", "bge-m3-bench")
+    os.environ.setdefault("MODEL_VERIFY", "size")
+    result = measure(nine_tokens(args.model), args.reps, uvicorn=not args.no_uvicorn)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
