@@ -77,6 +77,8 @@ def test_identical_inputs_of_different_requests_in_one_pass(
         with ThreadPoolExecutor(4) as pool:
             first = hold_first_pass(pool, gate, lambda: batcher.encode(["held"]))
             b = pool.submit(batcher.encode, [PARIS])
+            # b queues before c, so that b's PARIS is the one that runs and c's the one shared
+            wait_until(lambda: batcher.queued == 1)
             c = pool.submit(batcher.encode, [PARIS, "Rome"], sparse=True)
             wait_until(lambda: batcher.queued == 2)
             gate.release.set()
