@@ -28,37 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Json, ms_since, percentile
+from bench.worker import LambdaContext, lambda_event
 
-EVENT_FILE = Path(__file__).with_name("events") / "function_url_post_iam.json"
 # The engine's own stages; x-total-time is the middleware's whole request and is not one.
 STAGE_HEADER = re.compile(r"^x-(?!total-)[a-z0-9-]+-time$")
 SERVING = re.compile(r"serving on http://([^\s:/]+):(\d+)")
 
 
-class LambdaContext:
-    """What Mangum and the middleware read from Lambda's context object."""
-
-    function_name = "bge-m3-bench"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bge-m3-bench"
-    memory_limit_in_mb = 10240
-    aws_request_id = "bench-request"
-    log_group_name = "/aws/lambda/bge-m3-bench"
-    log_stream_name = "bench"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 900_000
-
-
 def request_body(text: str) -> str:
-    """The 9-token query as the OpenAI dialect gets it: dense vectors only, as floats."""
-    return json.dumps({"input": [text], "model": "bge-m3", "encoding_format": "float"})
-
-
-def lambda_event(text: str) -> Json:
-    event: Json = json.loads(EVENT_FILE.read_text())
-    event["body"] = request_body(text)
-    return event
+    """The 9-token query as the OpenAI dialect gets it: dense vectors only, as floats (the body
+    of the same Lambda event the handler is timed with)."""
+    return str(lambda_event([text])["body"])
 
 
 def stages_ms(headers: Mapping[str, str]) -> float:
@@ -104,7 +84,7 @@ def lambda_overhead(handler: Any, engine: Any, settings: Any, text: str, reps: i
     """Handler and engine, alternately, `reps` times each (after a warm-up of both)."""
     direct = direct_call(engine, text, settings)
     context = LambdaContext()
-    event = lambda_event(text)
+    event = lambda_event([text])
     direct()
     for _ in range(3):
         handler(dict(event), context)
