@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_job_figure_runs_both_paths(tmp_path: Path, bge_m3_source: Path, tiny_int8: Path) -> None:
-    plan = job.JobPlan("tiny", 40, 16, 64, (8, 32), 16, 300)
+    plan = job.JobPlan("tiny", 40, 16, 64, (8, 32), 16, 16, 300)
     corpus = tmp_path / "corpus.jsonl"
     total = job.make_corpus(plan, bge_m3_source, corpus)
     records = [json.loads(line) for line in corpus.read_text("utf-8").splitlines()]
@@ -32,9 +32,14 @@ def test_job_figure_runs_both_paths(tmp_path: Path, bge_m3_source: Path, tiny_in
     texts = [r["text"] for r in records]
     api = job.run_api(tiny_int8, texts, plan, tmp_path / "server.log")
     assert "error" not in api, api
+    # every batch size on the first 16 passages, then the best one on all 40
     assert set(api["batch_sizes"]) == {"8", "32"}
-    assert all(r["tokens"] == total for r in api["batch_sizes"].values())
-    assert api["best"] == api["batch_sizes"][str(api["best_batch_size"])]
+    assert all(
+        (r["rows"], r["tokens"]) == (16, sum(counts[:16])) for r in api["batch_sizes"].values()
+    )
+    assert str(api["best_batch_size"]) in api["batch_sizes"]
+    assert (api["best"]["rows"], api["best"]["tokens"]) == (40, total)
+    assert cli["tokens_per_cpu_s"] > 0 and api["best"]["tokens_per_cpu_s"] > 0
 
     doc = {
         "mode": "smoke",
@@ -48,4 +53,5 @@ def test_job_figure_runs_both_paths(tmp_path: Path, bge_m3_source: Path, tiny_in
     }
     text = job.markdown(doc)
     assert "| CLI (`python -m handler.batch`, Parquet) |" in text
-    assert "| API, one client, 32 per request |" in text and "Smoke run" in text
+    assert "| API, one client, 32 per request | 16 |" in text and "Smoke run" in text
+    assert "(best), whole corpus | 40 |" in text
