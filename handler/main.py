@@ -130,7 +130,8 @@ def main() -> None:
 def serve(app: FastAPI, settings: Settings) -> None:
     """uvicorn on settings.host:port until SIGTERM or SIGINT, then a graceful stop: no new
     connections, requests in flight get SHUTDOWN_GRACE_S to finish (503 `shutting_down` for
-    those that cannot), the micro-batch workers are closed, and the process exits 0."""
+    those that cannot), the micro-batch workers and model threads are closed, and the process
+    exits 0."""
     import math
     import signal
 
