@@ -32,6 +32,7 @@ from handler.engine.types import (
 )
 from handler.errors import ApiError, Dialect, ErrorKind, invalid
 from handler.logging import RequestRecord
+from handler.model_threads import ModelThreads
 from handler.settings import Settings
 
 TOKEN_IDS_REFUSED = (
@@ -124,7 +125,9 @@ class Decoded:
 
 
 class Service:
-    """The served models (or why there are none) and the settings that limit requests."""
+    """The served models (or why there are none), the settings that limit requests, and the
+    threads the requests that run the models run on (`threads`: the dialects' model routes run
+    there whole, handler/api/routing.py)."""
 
     def __init__(
         self, settings: Settings, registry: ModelRegistry | None, load_error: str | None = None
@@ -132,6 +135,7 @@ class Service:
         self.settings = settings
         self.registry = registry
         self.load_error = load_error
+        self.threads = ModelThreads(settings.max_concurrent_requests)
 
     # ---- models --------------------------------------------------------------------------------
 

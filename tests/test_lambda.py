@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,36 @@ def test_entry_point_loads_the_model_once_across_invocations(
         status, payload, _ = invoke(entry.handler, event, Context(aws_request_id=f"r{i}"))
         assert status == 200, payload
     assert len(loads) == 1
+
+
+def test_model_routes_keep_their_thread_from_one_invocation_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mangum runs every invocation as a task of its own, and anyio's worker threads end with
+    the task that started them; the model routes run on the service's threads instead, which
+    outlive the invocations (a new thread per invocation, onnxruntime included, cost
+    milliseconds: docs/overhead.md). Which of the pool's threads takes a call is the pool's
+    business: one just done may not yet count as idle when the next call comes."""
+    fake = bge_m3_like()
+    seen: list[threading.Thread] = []
+    encode = fake.encode
+
+    def recording_encode(texts: Any, **options: Any) -> Any:
+        seen.append(threading.current_thread())
+        return encode(texts, **options)
+
+    monkeypatch.setattr(fake, "encode", recording_encode)
+    handler = serving(monkeypatch, make_app(fake))
+    embedding_routes = [r for r in ROUTES if r[0] == "POST" and r[1] != "/score"]
+    captured = load_event("http_api_v2_post_json_powertools.json")
+    for i in range(2 * len(embedding_routes)):
+        method, path, body = embedding_routes[i % len(embedding_routes)]
+        event = with_request(captured, method, path, body)
+        status, payload, _ = invoke(handler, event, Context(aws_request_id=f"r{i}"))
+        assert status == 200, payload
+    assert len(seen) == 2 * len(embedding_routes)
+    for thread in seen:
+        assert thread.name.startswith("model-call") and thread.is_alive(), thread
 
 
 def test_a_load_in_progress_is_joined_not_repeated(

@@ -7,8 +7,10 @@ seen what it waits for; every wait is a bounded guard against a hang."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -29,8 +31,14 @@ from handler.app import create_app
 from handler.auth import KeyChecker
 from handler.engine import Engine, EngineConfig, ModelRegistry, micro_batched
 from handler.engine.microbatch import MicroBatcher
+from handler.metrics import PrometheusMetrics
 
 HANG_GUARD_S = 60
+# REQUEST_TIMEOUT_S where a test needs a request answered at its deadline. The deadline applies to
+# every request of the app, the test's own /metrics probes and follow-up requests included, so it
+# is long next to those (at 50 ms a probe on a busy 2-core machine met it and got a 504 of its
+# own); the held request waits for it whatever its length, held by a gate until the test looks.
+DEADLINE_S = 1.0
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 V2 = "/api/data/embedding/version/2"
@@ -115,7 +123,7 @@ def test_past_the_deadline_the_answer_is_504_in_the_dialects_envelope(
 ) -> None:
     gate = threading.Event()
     fake = bge_m3_like(gate=gate)
-    with LiveServer(make_app(fake, request_timeout_s=0.05)) as server:
+    with LiveServer(make_app(fake, request_timeout_s=DEADLINE_S)) as server:
         r = httpx.post(server.url + path, json=body, timeout=HANG_GUARD_S)
         assert r.status_code == 504, r.text
         assert code_of(r.json()) == ("request_timeout" if path != V2 else V2_SERVER_ERROR)
@@ -127,6 +135,55 @@ def test_past_the_deadline_the_answer_is_504_in_the_dialects_envelope(
         assert metric(server.url, "bge_m3_requests_total", status="504") == 1
         ok = httpx.post(server.url + path, json=body, timeout=HANG_GUARD_S)
         assert ok.status_code == 200
+
+
+def test_a_request_answered_at_its_deadline_sends_nothing_more_on_its_connection() -> None:
+    """The route of a request answered 504 goes on in its thread until the engine returns; its
+    own response must then go nowhere. On a keep-alive connection it would be taken for the
+    answer to the client's next request."""
+    gate = threading.Event()
+    with LiveServer(make_app(bge_m3_like(gate=gate), request_timeout_s=DEADLINE_S)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_GUARD_S)
+        body = json.dumps({"input": "held"})
+        conn.request("POST", "/v1/embeddings", body, {"content-type": "application/json"})
+        answered = conn.getresponse()
+        assert answered.status == 504 and answered.getheader("connection") != "close"
+        assert json.loads(answered.read())["error"]["code"] == "request_timeout"
+        gate.set()
+        # The route has returned once its request is no longer in flight (counted until then).
+        wait_until(lambda: metric(server.url, "bge_m3_in_flight_requests") == 0)
+        assert conn.sock is not None
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+        assert readable == [], "bytes after the 504 on its keep-alive connection"
+        conn.request("GET", "/health/live")  # the same connection: http.client reuses it
+        reply = conn.getresponse()
+        assert (reply.status, json.loads(reply.read())) == (200, {"status": "alive"})
+        conn.close()
+
+
+class HeldExposition(PrometheusMetrics):
+    """Prometheus metrics whose exposition (GET /metrics) waits for a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def exposition(self) -> tuple[bytes, str]:
+        assert self.gate.wait(HANG_GUARD_S), "the test never opened the gate"
+        return super().exposition()
+
+
+def test_the_deadline_covers_every_route_metrics_included() -> None:
+    """REQUEST_TIMEOUT_S is per request, whatever the route: a /metrics that has not answered by
+    then is a 504 too. (Why DEADLINE_S leaves room for a test's own probes.)"""
+    metrics = HeldExposition()
+    app = create_app(settings(request_timeout_s=DEADLINE_S), registry(), metrics=metrics)
+    with LiveServer(app) as server:
+        late = httpx.get(server.url + "/metrics", timeout=HANG_GUARD_S)
+        assert late.status_code == 504
+        assert late.json()["error"]["code"] == "request_timeout"
+        metrics.gate.set()
+        assert metric(server.url, "bge_m3_requests_total", route="/metrics", status="504") == 1
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +226,7 @@ def test_a_queued_request_past_its_deadline_is_dropped_before_it_runs(
     held: tuple[MicroBatcher, PassGate],
 ) -> None:
     batcher, gate = held
-    app = create_app(settings(request_timeout_s=0.05), ModelRegistry([batcher]))
+    app = create_app(settings(request_timeout_s=DEADLINE_S), ModelRegistry([batcher]))
     with LiveServer(app) as server, ThreadPoolExecutor(1) as pool:
         url = server.url + "/v1/embeddings"
         first = pool.submit(httpx.post, url, json={"input": "first"}, timeout=HANG_GUARD_S)
@@ -307,6 +364,28 @@ def test_sigterm_finishes_what_it_can_answers_503_for_the_rest_and_exits_0() -> 
         assert proc.wait(timeout=HANG_GUARD_S) == 0
         with pytest.raises(httpx.ConnectError):  # no longer accepting
             httpx.get(f"{url}/health/live")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---- uvicorn's connections -----------------------------------------------------------------------
+
+
+def test_connections_are_accepted_with_nagle_off() -> None:
+    """handler.main.serve turns TCP_NODELAY on on its listening socket, and the connections it
+    accepts inherit it: without it a response's body, written after its head, waited for the
+    client's delayed ACK on every request but the first of a keep-alive connection."""
+    proc, url = start_server({})
+    try:
+        with httpx.Client(base_url=url, timeout=HANG_GUARD_S) as client:
+            for _ in range(2):  # a fresh connection, then the same one kept alive
+                r = client.get("/test/connection")
+                assert r.status_code == 200, r.text
+                assert r.json()["tcp_nodelay"] != 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=HANG_GUARD_S) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

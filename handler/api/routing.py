@@ -3,8 +3,10 @@ tells the app which routes run the model."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi.routing import APIRoute
 from starlette.requests import Request
@@ -39,9 +41,25 @@ def record_of(request: Request) -> RequestRecord:
 
 def compute(endpoint: F) -> F:
     """Marks an endpoint that runs the model: its requests count against
-    MAX_CONCURRENT_REQUESTS (the cheap routes, /health and the model lists, never wait)."""
-    setattr(endpoint, _COMPUTE_MARK, True)
-    return endpoint
+    MAX_CONCURRENT_REQUESTS (the cheap routes, /health and the model lists, never wait), and it
+    runs, whole, on the service's model threads (handler/model_threads.py), which last as long as
+    the process, instead of on anyio's, which under Mangum end with each Lambda invocation.
+
+    The endpoint is a plain function with a `request` parameter; what FastAPI gets is a coroutine
+    with the same signature (FastAPI reads it through `__wrapped__`) that hands the call over."""
+    if (
+        inspect.iscoroutinefunction(endpoint)
+        or "request" not in inspect.signature(endpoint).parameters
+    ):
+        raise TypeError(f"{endpoint.__name__}: a model route is a plain function taking `request`")
+
+    @functools.wraps(endpoint)
+    async def on_model_thread(**params: Any) -> Any:
+        threads = service_of(params["request"]).threads
+        return await threads.run(functools.partial(endpoint, **params))
+
+    setattr(on_model_thread, _COMPUTE_MARK, True)
+    return cast(F, on_model_thread)
 
 
 def compute_paths(routes: Iterable[BaseRoute], prefix: str) -> frozenset[str]:
