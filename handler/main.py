@@ -93,10 +93,12 @@ def start_loading(settings: Settings) -> threading.Thread:
     that took the cold start from about 2.0-2.4 s to 1.5-1.6 s. build_app() waits for it through
     load_models()'s lock.
 
-    The engine's own imports (numpy, onnxruntime, the tokenizer libraries: about 0.2 s) hold the
-    GIL, so they are done here, first: in the thread they would share the GIL with FastAPI's
-    imports and so start the session later by about as much (docs/cold-start.md). If they fail,
-    load_models reports it and the app answers 503 with the reason."""
+    The engine's own imports (numpy, onnxruntime, the tokenizer libraries: about 0.2 s) are done
+    here, first, in this thread: they hold the GIL, so in the loader they would share it with
+    the app's imports and start the session later; and numpy imported by two threads at once can
+    fail (ImportError on a partially initialized numpy, seen when the loader imported the engine
+    while this thread imported the app, which needs it too). If they fail here, load_models
+    reports it and the app answers 503 with the reason. See docs/cold-start.md."""
     with contextlib.suppress(Exception):
         import handler.engine  # noqa: F401
     loader = threading.Thread(target=load_models, args=(settings,), name="model-load", daemon=True)
