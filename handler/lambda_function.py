@@ -6,10 +6,12 @@ base64 but is not into a 400 instead of an unhandled binascii.Error (handler/lam
 With SnapStart, the hooks in handler/snapstart.py renew per-environment state after a restore.
 """
 
+# handler.main first: importing it starts the model load, which the other imports then overlap.
+from handler.main import app, settings  # isort: skip
+
 from mangum import Mangum
 
 from handler.lambda_adapter import STRICT_HANDLERS
-from handler.main import app, settings
 from handler.snapstart import register_hooks
 
 handler = Mangum(app, lifespan="off", custom_handlers=STRICT_HANDLERS)

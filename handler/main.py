@@ -12,6 +12,7 @@ in its dialect's envelope, and the log says what went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -88,9 +89,19 @@ def load_models(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
 
 
 def start_loading(settings: Settings) -> threading.Thread:
-    """Load the models in a thread, so that onnxruntime builds its session (it releases the GIL)
-    while this thread imports FastAPI and the app: on 2 vCPUs that took the cold start from
-    about 2.0-2.4 s to 1.5-1.6 s. build_app() waits for it through load_models()'s lock."""
+    """Load the models in a thread, so that onnxruntime builds its session and sentencepiece its
+    vocabulary (both release the GIL) while this thread imports FastAPI and the app: on 2 vCPUs
+    that took the cold start from about 2.0-2.4 s to 1.5-1.6 s. build_app() waits for it through
+    load_models()'s lock.
+
+    The engine's own imports (numpy, onnxruntime, the tokenizer libraries: about 0.2 s) are done
+    here, first, in this thread: they hold the GIL, so in the loader they would share it with
+    the app's imports and start the session later; and numpy imported by two threads at once can
+    fail (ImportError on a partially initialized numpy, seen when the loader imported the engine
+    while this thread imported the app, which needs it too). If they fail here, load_models
+    reports it and the app answers 503 with the reason. See docs/cold-start.md."""
+    with contextlib.suppress(Exception):
+        import handler.engine  # noqa: F401
     loader = threading.Thread(target=load_models, args=(settings,), name="model-load", daemon=True)
     loader.start()
     return loader
@@ -101,13 +112,17 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     `uvicorn --factory handler.main:build_app` works too."""
     from handler.app import create_app
     from handler.auth import KeyChecker
+    from handler.metrics import metrics_for
 
     settings = settings or Settings()
-    # Read the API keys before waiting for the models: with a secret configured that is boto3's
-    # import and a network call (0.3-0.6 s measured here), which then overlap the model load.
+    # Whatever does not need the models is done before waiting for them, beside the load: the
+    # API keys (with a secret configured, boto3's import and a network call: 0.3-0.6 s measured
+    # here) and the metrics backend (importing prometheus-client or aws-lambda-powertools:
+    # 25-60 ms, which after the wait would add to the cold start).
     key_checker = KeyChecker.from_settings(settings)
+    metrics = metrics_for(settings)
     registry, error = load_models(settings)
-    return create_app(settings, registry, error, key_checker)
+    return create_app(settings, registry, error, key_checker, metrics)
 
 
 def _configure_logging(settings: Settings) -> None:

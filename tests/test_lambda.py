@@ -17,6 +17,7 @@ import base64
 import copy
 import json
 import logging
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from mangum import Mangum
 import handler.lambda_function as entry
 import handler.logging as request_logging
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 EVENTS_DIR = Path(__file__).resolve().parent / "data" / "lambda_events"
 BAD_BASE64 = "rest_v1_isBase64Encoded_true_but_body_not_base64_powertools.json"
 EVENT_FILES = sorted(p.name for p in EVENTS_DIR.glob("*.json"))
@@ -393,6 +395,100 @@ def test_api_keys_are_read_while_the_model_loads(
     )
     status, payload, _ = invoke(handler, authorized, Context())
     assert status == 200, payload
+
+
+def test_the_metrics_backend_is_built_while_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Importing the metrics library (prometheus-client here, aws-lambda-powertools on Lambda)
+    overlaps the model load instead of following it: the load only finishes once it is built."""
+    import threading
+
+    import handler.engine as engine_pkg
+    import handler.main as main
+    import handler.metrics as metrics
+    from handler.settings import Settings
+
+    built = threading.Event()
+    order: list[str] = []
+    real_metrics_for = metrics.metrics_for
+
+    def load_registry_waiting_for_metrics(paths: list[Path], config: Any) -> Any:
+        order.append("load saw the metrics" if built.wait(30) else "load timed out")
+        return registry(bge_m3_like())
+
+    def metrics_for(settings: Settings) -> Any:
+        backend = real_metrics_for(settings)
+        built.set()
+        return backend
+
+    monkeypatch.setattr(engine_pkg, "load_registry", load_registry_waiting_for_metrics)
+    monkeypatch.setattr(metrics, "metrics_for", metrics_for)
+    settings = Settings(model_path=str(tmp_path / "metered-model"), model_verify="size")
+    main.start_loading(settings)
+    app = main.build_app(settings)
+
+    assert order == ["load saw the metrics"]
+    assert isinstance(app.state.metrics, metrics.PrometheusMetrics)
+
+
+def test_importing_the_entry_point_starts_the_load_before_the_web_framework(
+    tiny_int8: Path,
+) -> None:
+    """In a fresh interpreter, as Lambda starts one: the model-load thread starts before FastAPI
+    and Mangum are imported (their imports then overlap the load), with the engine's imports
+    already done (so the thread goes straight to the session and the tokenizer), and the
+    entry point then answers."""
+    code = """
+import importlib.abc, json, sys, threading
+
+events = []
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("fastapi", "mangum") and name not in events:
+            events.append(name)
+        return None
+
+sys.meta_path.insert(0, Watch())
+real_start = threading.Thread.start
+
+def start(self):
+    if self.name == "model-load":
+        imported = "handler.engine.engine" in sys.modules
+        events.extend(["model-load", "engine imported" if imported else "engine not imported"])
+    real_start(self)
+
+threading.Thread.start = start
+import handler.lambda_function as entry
+
+class Context:
+    aws_request_id = "fresh-process"
+
+event = json.loads(open(sys.argv[1], encoding="utf-8-sig").read())
+event["requestContext"]["http"]["method"] = "POST"
+event["requestContext"]["http"]["path"] = event["rawPath"] = "/v1/embeddings"
+event["body"] = json.dumps({"model": "bge-m3", "input": "hello"})
+print(json.dumps({"events": events, "status": entry.handler(event, Context())["statusCode"]}))
+"""
+    env = {
+        "MODEL_PATH": str(tiny_int8),
+        "MODEL_VERIFY": "size",
+        "LOG_LEVEL": "WARNING",
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(EVENTS_DIR / "function_url_get_powertools.json")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] == ["model-load", "engine imported", "fastapi", "mangum"]
+    assert result["status"] == 200
 
 
 def test_entry_point_starts_and_reports_when_loading_fails(
