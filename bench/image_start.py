@@ -13,7 +13,9 @@ first 200 through `handler.lambda_function.handler` with a Function URL event (b
 - cold: the whole page cache dropped first (`echo 3 > /proc/sys/vm/drop_caches`, as root): every
   file the container reads (Python, the dependencies, the model) comes from disk once;
 - warm: right after, nothing evicted: every file is in the page cache;
-- cold-model: only the model files of the image's layers evicted (posix_fadvise DONTNEED).
+- cold-model: only the model files of the image's layers evicted (posix_fadvise DONTNEED);
+- host: the same worker on the host with the same model directory, warm, for comparison under the
+  same load (the host figure of `python -m bench` comes from another moment).
 
 The medians of each state and their split go to JSON; `python -m bench` runs this as a stage.
 bench/image_start.sh does the docker part; this module drives it, parses what it prints and
@@ -39,7 +41,7 @@ from bench.common import REPO_ROOT, RESULT_PREFIX, STOP, Json, percentile, say
 from bench.prep import code_digest, digest_files
 
 SCRIPT = REPO_ROOT / "bench" / "image_start.sh"
-STATES = ("cold", "warm", "cold-model")
+STATES = ("cold", "warm", "cold-model", "host")
 # A short query, as a search request sends it: the first request is about the start, not the text.
 QUERY = "What is the capital of France?"
 # The split of bench.worker's cold start (start_ours), and what the host adds around it.
@@ -60,7 +62,7 @@ EVICTED = {
     "page-cache:all": "the whole page cache (drop_caches): the image's files and the host's",
     "fadvise:data-root": "every file in docker's data root (posix_fadvise; drop_caches refused)",
     "fadvise:model": "the model files of the image's layers (posix_fadvise)",
-    "none": "nothing (the previous run left the files in the page cache)",
+    "none": "nothing (the previous run, or an untimed one, left the files in the page cache)",
 }
 
 
@@ -89,7 +91,7 @@ class Run:
             return out
         out.update({k: v for k, v in cold.items() if k != "t0_epoch_s"})
         t0 = cold.get("t0_epoch_s")
-        if isinstance(t0, int | float):
+        if isinstance(t0, int | float) and self.state != "host":
             # The same kernel clock inside and out: `docker run` -> the interpreter's start.
             start_ms = (float(t0) - self.host_t0) * 1000.0
             out["container_start_ms"] = round(start_ms, 3)

@@ -3,7 +3,7 @@
 # (`python -m bench.image_start`), which reads what this prints on stdout.
 #
 #   bench/image_start.sh --model DIR --tag TAG --data-root DIR --rounds N --spec JSON
-#                        [--states "cold warm cold-model"] [--run-timeout S]
+#                        [--states "cold warm cold-model host"] [--run-timeout S]
 #
 # 1. our own dockerd (infra/scripts/docker_lib.sh) on DATA_ROOT, kept between runs so that an image
 #    already built under TAG (the caller derives it from the model and the code) is reused;
@@ -17,7 +17,10 @@
 #                  every file of the image (Python, the dependencies, the model) and of the host,
 #                  docker's own binaries included, is read from disk again;
 #      cold-model  evicts only the model files of the image's layers (posix_fadvise DONTNEED);
-#      warm        evicts nothing: the previous run left everything in the page cache.
+#      warm        evicts nothing: the previous run left everything in the page cache;
+#      host        the same worker on the host ($PYTHON, MODEL_PATH=DIR), its files in the page
+#                  cache (an untimed run first): the host's figure under the same load, for
+#                  comparison.
 #
 # Output protocol (stdout): `IMAGE_START_INFO key value`; per run `IMAGE_START_RUN round state
 # evicted host_t0`, then the worker's stdout (its `BENCH_RESULT {json}`), then `IMAGE_START_END
@@ -31,7 +34,7 @@ PYTHON=${PYTHON:-python3}
 DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-model="" tag="" data_root="" rounds=3 spec="" states="cold warm cold-model" run_timeout=600
+model="" tag="" data_root="" rounds=3 spec="" states="cold warm cold-model host" run_timeout=600
 while [ $# -gt 0 ]; do
   case $1 in
   --model) model=$2 ;;
@@ -140,8 +143,26 @@ evict() {
   esac
 }
 
+run_host() {
+  local round=$1 t0 rc=0
+  # Untimed first: the page-cache drop of a cold round also took the host's Python files.
+  cat "$model"/* >/dev/null
+  MODEL_PATH=$model MODEL_VERIFY=size timeout "$run_timeout" "$PYTHON" -m bench.worker "$spec" \
+    >/dev/null 2>&1 || true
+  t0=$(date +%s.%N)
+  echo "IMAGE_START_RUN $round host none $t0"
+  BENCH_T0=$t0 MODEL_PATH=$model MODEL_VERIFY=size timeout "$run_timeout" "$PYTHON" \
+    -m bench.worker "$spec" || rc=$?
+  echo "IMAGE_START_END $round host $rc $(date +%s.%N)"
+  log "round $round host: exit $rc"
+}
+
 run_once() {
   local round=$1 state=$2 name evicted t0 rc
+  if [ "$state" = host ]; then
+    run_host "$round"
+    return
+  fi
   name=bge-m3-image-start-$$-$round-$state
   containers+=("$name")
   evicted=$(evict "$state")

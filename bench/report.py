@@ -449,7 +449,8 @@ def image_start_lines(doc: Json) -> list[str]:
         "(stand-in Debian base, non-root, read-only root, no network) running "
         "`handler.lambda_function.handler` to its first 200 on a Function URL event. `process "
         "-> 200` is the split of the host's cold start; `container start` is `docker run` to the "
-        "interpreter's start.",
+        "interpreter's start. `host`: the same worker on the host, same model, warm, in the "
+        "same rounds.",
         "",
         *evicted,
         *errors,

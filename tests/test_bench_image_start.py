@@ -54,6 +54,9 @@ TRANSCRIPT = [
     "IMAGE_START_RUN 2 warm none 500.0",
     cold_result(2000.0, 500.5),
     "IMAGE_START_END 2 warm 0 502.6",
+    "IMAGE_START_RUN 2 host none 600.0",
+    cold_result(1200.0, 600.0),
+    "IMAGE_START_END 2 host 0 601.2",
 ]
 
 
@@ -67,7 +70,7 @@ def test_transcript_parses_into_runs_with_the_container_start() -> None:
         "image_size_bytes": 1234567,
     }
     assert [(r.round, r.state) for r in runs] == [
-        (0, "prime"), (1, "cold"), (1, "warm"), (2, "cold"), (2, "warm")
+        (0, "prime"), (1, "cold"), (1, "warm"), (2, "cold"), (2, "warm"), (2, "host")
     ]  # fmt: skip
     records = [r.to_json() for r in runs]
     cold = records[1]
@@ -77,12 +80,14 @@ def test_transcript_parses_into_runs_with_the_container_start() -> None:
     assert "t0_epoch_s" not in cold and cold["evicted"] == "page-cache:all"
     # AND a run without a result is an error carrying its exit status and last output
     assert "exit status 1" in records[3]["error"] and "MemoryError" in records[3]["error"]
+    # AND a run on the host has no container start
+    assert "container_start_ms" not in records[5] and records[5]["total_ms"] == 1200.0
 
 
 def test_summary_is_the_median_per_state_without_the_prime_run() -> None:
     _, runs = image_start.parse_output(TRANSCRIPT)
     summary = image_start.summarize([r.to_json() for r in runs])
-    assert set(summary) == {"cold", "warm", "cold-model"}
+    assert set(summary) == {"cold", "warm", "cold-model", "host"}
     warm, cold = summary["warm"], summary["cold"]
     assert warm["n"] == 2 and warm["median"]["total_ms"] == 1500.0
     assert warm["total_ms_runs"] == [1000.0, 2000.0]
