@@ -57,6 +57,8 @@ SPLIT = (
     "container_start_ms",
     "docker_run_to_200_ms",
     "peak_rss_mib",
+    "cpu_ms",
+    "disk_read_mib",
 )
 EVICTED = {
     "page-cache:all": "the whole page cache (drop_caches): the image's files and the host's",
@@ -284,15 +286,27 @@ def measure(
     if killed or status != 0:
         doc["error"] = killed or f"bench/image_start.sh exited {status}"
     for state, figures in doc["states"].items():
-        med = figures["median"]
-        if med["total_ms"] is not None:
-            say(
-                "image",
-                f"{state}: median process -> 200 {med['total_ms'] / 1000:.2f} s (imports "
-                f"{(med['imports_ms'] or 0) / 1000:.2f} s, load {(med['load_ms'] or 0) / 1000:.2f}"
-                f" s), docker run -> 200 {(med['docker_run_to_200_ms'] or 0) / 1000:.2f} s",
-            )
+        say("image", f"{state}: {describe(figures['median'])}")
     return doc
+
+
+def describe(median: Json) -> str:
+    """One progress line for a state's medians."""
+    if median.get("total_ms") is None:
+        return "no run answered"
+
+    def secs(key: str) -> str:
+        value = median.get(key)
+        return "–" if value is None else f"{value / 1000:.2f} s"
+
+    line = (
+        f"median process -> 200 {secs('total_ms')} (imports {secs('imports_ms')}, load "
+        f"{secs('load_ms')}; CPU {secs('cpu_ms')}, "
+        f"read from disk {median.get('disk_read_mib')} MiB)"
+    )
+    if median.get("docker_run_to_200_ms") is not None:
+        line += f", docker run -> 200 {secs('docker_run_to_200_ms')}"
+    return line
 
 
 def smoke_model(work_dir: Path) -> Path | str:

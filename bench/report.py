@@ -425,15 +425,18 @@ def image_start_lines(doc: Json) -> list[str]:
         ("first_request_ms", "first request"),
         ("total_ms", "process -> 200"),
         ("docker_run_to_200_ms", "docker run -> 200"),
+        ("cpu_ms", "CPU time"),
     ]
     rows = []
     for state, figures in (img.get("states") or {}).items():
         med = figures.get("median") or {}
         rows.append(
             [state, str(figures.get("n", 0)), *[_ms(med.get(k)) for k, _ in split_keys],
-             _mib(med.get("peak_rss_mib"))]
+             _mib(med.get("disk_read_mib")), _mib(med.get("peak_rss_mib"))]
         )  # fmt: skip
-    lines += _table(["state", "runs", *[label for _, label in split_keys], "peak RSS"], rows)
+    lines += _table(
+        ["state", "runs", *[label for _, label in split_keys], "read from disk", "peak RSS"], rows
+    )
     evicted = [
         f"- {state}: evicted {figures['evicted']}"
         for state, figures in (img.get("states") or {}).items()
