@@ -371,9 +371,7 @@ def image_stage(mode: Mode, art: Artifact | None, args: argparse.Namespace) -> J
         return {"skipped": f"no ours-int8 model: {art.error}"}
     if STOP.is_set():
         return {"skipped": "interrupted"}
-    return image_start.measure(
-        art.path, work_dir=args.work_dir, rounds=mode.image_rounds, timeout_s=mode.image_timeout_s
-    )
+    return image_start.measure(art.path, rounds=mode.image_rounds, timeout_s=mode.image_timeout_s)
 
 
 def output_stem(doc: Json) -> str:

@@ -5,7 +5,8 @@
 #   bench/image_start.sh --model DIR --tag TAG --data-root DIR --rounds N --spec JSON
 #                        [--states "cold warm cold-model host"] [--run-timeout S]
 #
-# 1. our own dockerd (infra/scripts/docker_lib.sh) on DATA_ROOT, kept between runs so that an image
+# 1. our own dockerd (infra/scripts/docker_lib.sh) on DATA_ROOT (outside the repository: it holds
+#    whole images' file trees), kept between runs so that an image
 #    already built under TAG (the caller derives it from the model and the code) is reused;
 # 2. if TAG is missing: the stand-in base (reused by its tag too), wheels on the host, the model
 #    copied into the build context, infra/lambda.Dockerfile built as ci_image_test.sh builds it;

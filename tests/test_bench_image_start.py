@@ -162,7 +162,7 @@ def test_image_start_on_the_tiny_model(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench.image_start", "--smoke", "--rounds", "1",
-            "--work-dir", str(REPO_ROOT / "bench" / "work"), "--out", str(out),
+            "--work-dir", str(tmp_path / "work"), "--out", str(out),
         ],
         cwd=REPO_ROOT,
         capture_output=True,
