@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO_ROOT, RESULT_PREFIX, STOP, Json, percentile, say
+from bench.common import REPO_ROOT, RESULT_PREFIX, STOP, Json, load_average, percentile, say
 from bench.prep import code_digest, digest_files
 
 SCRIPT = REPO_ROOT / "bench" / "image_start.sh"
@@ -269,7 +269,7 @@ def measure(
         "--run-timeout", str(int(run_timeout_s)),
     ]  # fmt: skip
     say("image", f"Lambda image {tag} with {model}: {rounds} round(s) of {', '.join(states)}")
-    t = time.monotonic()
+    t, load_before = time.monotonic(), load_average()
     status, lines, killed = run_script(cmd, timeout_s)
     info, runs = parse_output(lines)
     records = [r.to_json() for r in runs]
@@ -285,6 +285,8 @@ def measure(
         "states": summarize(records, states),
         "runs": records,
         "wall_s": round(time.monotonic() - t, 1),
+        # The machine may be shared: its load moves every wall time here.
+        "load_average": {"before": load_before, "after": load_average()},
     }
     if killed or status != 0:
         doc["error"] = killed or f"bench/image_start.sh exited {status}"
