@@ -172,7 +172,9 @@ run_once() {
   echo "IMAGE_START_RUN $round $state $evicted $t0"
   rc=0
   # BENCH_T0 is taken inside the container just before the interpreter starts: the worker's
-  # total is process start -> 200; the host's t0 above adds the container's own start.
+  # total is process start -> 200; the host's t0 above adds the container's own start. (Single
+  # quotes: the container's shell expands them.)
+  # shellcheck disable=SC2016
   timeout "$run_timeout" "$DOCKER" run --name "$name" --network none "${lambda_run[@]}" \
     -v "$root/bench:/opt/bench-code/bench:ro" \
     -e PYTHONPATH=/var/task:/opt/bench-code -e PYTHONDONTWRITEBYTECODE=1 \

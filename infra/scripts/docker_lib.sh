@@ -1,12 +1,21 @@
+#!/usr/bin/env bash
 # Shell functions shared by infra/scripts/ci_image_test.sh and bench/image_start.sh: a Docker
 # engine of our own (no systemd), the debootstrapped stand-in base, wheels made on the host and the
 # Lambda image built offline from them. Sourced, never run.
+#
+# The callers define root and use lambda_run and these functions, which shellcheck cannot see here.
+# shellcheck disable=SC2034,SC2154,SC2329
 #
 # The caller sets (before calling): root (the repository root, the build context), work (a temp
 # dir: exec root, socket, logs), PYTHON (host interpreter with requirements-build.txt),
 # DEBIAN_SUITE, DEBIAN_MIRROR; defines die(); and calls stop_dockerd from its EXIT trap.
 # These functions set: DOCKER, build(), dockerd_pid, py_version, glibc; containers (names that
 # stop_dockerd removes) is the caller's to append to.
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  echo "docker_lib.sh: source it (see infra/scripts/ci_image_test.sh); it does nothing run" >&2
+  exit 2
+fi
 
 sock=${sock:-$work/docker.sock}
 export DOCKER_HOST=unix://$sock
