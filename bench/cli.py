@@ -3,6 +3,7 @@
     python -m bench [--smoke] [--engines ours-int8 ort-int8 ...] [--work-dir bench/work]
                     [--out bench/results] [--rebuild]
     python -m bench --job [--smoke]      # the corpus job figure only (bench/job.py)
+    python -m bench.image_start --model DIR   # the cold start inside the Lambda image only
 
 Full run (`make bench`): the full-size model (24 layers, hidden 1024, vocab 250,002), minutes and
 about 13 GB of disk in the work directory (bge-m3-lite's build holds about 19 GiB of memory while
@@ -11,6 +12,10 @@ bench/results/latest.{md,png}. `--smoke` runs every stage on the tiny fixture (f
 minute on a quiet 2-core machine, engines three at a time), and by default writes under the work
 directory so that it never replaces the real results. Ctrl-C or SIGTERM stops every worker and
 writes nothing (exit 130), so an interrupted run never replaces the last complete one.
+
+Last stage (where Docker is usable: root, dockerd; `--no-image-start` leaves it out): the cold
+start inside the Lambda image built with the ours-int8 model, page cache warm and cold
+(bench/image_start.py); the smoke run's on the tiny model.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import concurrency, report
+from bench import concurrency, image_start, report
 from bench.common import (
     REPO_ROOT,
     STOP,
@@ -90,6 +95,10 @@ class Mode:
     # The 9-token query through the Lambda handler and through uvicorn, each alternated with the
     # engine call alone (bench/overhead.py): requests each way.
     overhead_reps: int = 300
+    # The cold start inside the Lambda image: rounds of (cold, warm, cold-model), and the limit for
+    # the whole stage, the image's build included.
+    image_rounds: int = 3
+    image_timeout_s: float = 3600
 
 
 FULL = Mode(
@@ -136,6 +145,8 @@ SMOKE = Mode(
     engine_jobs=3,
     long_in_main_process=True,
     overhead_reps=10,
+    image_rounds=1,
+    image_timeout_s=1800,
 )
 
 
@@ -163,6 +174,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--job",
         action="store_true",
         help="only the corpus job figure: batch CLI against an API client loop (bench/job.py)",
+    )
+    parser.add_argument(
+        "--no-image-start",
+        action="store_true",
+        help="leave out the cold start inside the Lambda image (it builds the image with Docker)",
     )
     parser.add_argument(
         "--rss-cap-gib",
@@ -345,6 +361,19 @@ def run_engine(
     return res
 
 
+def image_stage(mode: Mode, art: Artifact | None, args: argparse.Namespace) -> Json:
+    """The cold start inside the Lambda image with the ours-int8 model, or why not."""
+    if args.no_image_start:
+        return {"skipped": "--no-image-start"}
+    if art is None:
+        return {"skipped": "ours-int8 is not among the engines"}
+    if not art.ok:
+        return {"skipped": f"no ours-int8 model: {art.error}"}
+    if STOP.is_set():
+        return {"skipped": "interrupted"}
+    return image_start.measure(art.path, rounds=mode.image_rounds, timeout_s=mode.image_timeout_s)
+
+
 def output_stem(doc: Json) -> str:
     cpu = re.sub(r"[^a-z0-9]+", "-", doc["machine"]["cpu"].lower()).strip("-")[:40] or "cpu"
     stem = f"{doc['date'][:10]}-{cpu}-{doc['machine']['cores']}c"
@@ -454,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for e in order
             }
         doc["engines"] = {engine: runs[engine].result() for engine in args.engines}
+        # Last, alone: the image's build and its cold runs would disturb every other figure.
+        doc["image_start"] = image_stage(mode, artifacts.get("ours-int8"), args)
+        if doc["image_start"].get("skipped"):
+            say("image", f"skipped: {doc['image_start']['skipped']}")
 
     if STOP.is_set():
         say("stop", f"interrupted: nothing written to {args.out}")
@@ -469,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stage in STAGES
         if isinstance(res.get(stage), dict) and res[stage].get("error")
     ]
+    if isinstance(doc.get("image_start"), dict) and doc["image_start"].get("error"):
+        failures.append("image_start")
     say("done", f"{doc['wall_s']:.0f}s; wrote {', '.join(str(p) for p in written)}")
     if failures or not prep.source.ok:
         say("done", f"with errors in: {', '.join(failures) or 'the source model'}")

@@ -312,6 +312,8 @@ def markdown(doc: Json, plot_name: str | None) -> str:
             handler_rows,
         )
 
+    lines += image_start_lines(doc)
+
     conc_rows = []
     for res in engines.values():
         conc = res.get("concurrency", {})
@@ -400,6 +402,65 @@ def markdown(doc: Json, plot_name: str | None) -> str:
     ]
     lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
+
+
+def image_start_lines(doc: Json) -> list[str]:
+    """The cold start inside the Lambda image (bench/image_start.py): medians per page-cache
+    state, with the same split as the host's; or why it did not run."""
+    img = doc.get("image_start")
+    if not isinstance(img, dict):
+        return []
+    lines = ["## Cold start inside the Lambda image", ""]
+    why = _why(img)
+    if why and not img.get("states"):
+        return [*lines, f"Not measured: {why}.", ""]
+    split_keys = [
+        ("container_start_ms", "container start"),
+        ("interpreter_ms", "interpreter"),
+        ("imports_ms", "imports"),
+        ("tokenizer_ms", "tokenizer"),
+        ("session_ms", "session"),
+        ("warmup_ms", "warm-up"),
+        ("load_ms", "load (wall)"),
+        ("first_request_ms", "first request"),
+        ("total_ms", "process -> 200"),
+        ("docker_run_to_200_ms", "docker run -> 200"),
+        ("cpu_ms", "CPU time"),
+    ]
+    rows = []
+    for state, figures in (img.get("states") or {}).items():
+        med = figures.get("median") or {}
+        rows.append(
+            [state, str(figures.get("n", 0)), *[_ms(med.get(k)) for k, _ in split_keys],
+             _mib(med.get("disk_read_mib")), _mib(med.get("peak_rss_mib"))]
+        )  # fmt: skip
+    lines += _table(
+        ["state", "runs", *[label for _, label in split_keys], "read from disk", "peak RSS"], rows
+    )
+    evicted = [
+        f"- {state}: evicted {figures['evicted']}"
+        for state, figures in (img.get("states") or {}).items()
+        if figures.get("evicted")
+    ]
+    errors = [
+        f"- {state}: {error}"
+        for state, figures in (img.get("states") or {}).items()
+        for error in figures.get("errors") or []
+    ]
+    lines += [
+        f"Medians of {img.get('rounds')} round(s): each a fresh container of the Lambda image "
+        "(stand-in Debian base, non-root, read-only root, no network) running "
+        "`handler.lambda_function.handler` to its first 200 on a Function URL event. `process "
+        "-> 200` is the split of the host's cold start; `container start` is `docker run` to the "
+        "interpreter's start. `host`: the same worker on the host, same model, warm, in the "
+        "same rounds.",
+        "",
+        *evicted,
+        *errors,
+        *([f"- {why}"] if why else []),
+        "",
+    ]
+    return lines
 
 
 # ---- plot -----------------------------------------------------------------------------------

@@ -44,7 +44,18 @@ def smoke(
     work = smoke_work
     out = tmp_path_factory.mktemp("bench-out")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--work-dir", str(work), "--out", str(out)],
+        # The image stage builds a Docker image: tests/test_bench_image_start.py runs it (docker).
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--smoke",
+            "--no-image-start",
+            "--work-dir",
+            str(work),
+            "--out",
+            str(out),
+        ],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
@@ -61,6 +72,7 @@ def smoke(
 def test_every_engine_has_every_stage_without_errors(smoke: tuple[dict[str, Any], Path]) -> None:
     doc, _ = smoke
     assert doc["mode"] == "smoke"
+    assert doc["image_start"] == {"skipped": "--no-image-start"}
     assert set(doc["engines"]) == set(ENGINES)
     for name, res in doc["engines"].items():
         for stage in STAGES:

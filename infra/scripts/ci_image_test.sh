@@ -38,13 +38,11 @@ GPU_ORT_VERSION=$(sed -n 's/^ARG ORT_PACKAGE=onnxruntime-gpu==//p' infra/gpu.Doc
 work=$(mktemp -d /tmp/bge-m3-image-ci.XXXXXX)
 ctx_rel=build/ci-image-$$ # wheels and models must sit inside the build context (the repo root)
 ctx=$root/$ctx_rel
-sock=$work/docker.sock
-export DOCKER_HOST=unix://$sock
 base_tag=bge-m3-ci/debian-python:$DEBIAN_SUITE
 lambda_tag=bge-m3-ci/lambda:test
 gpu_tag=bge-m3-ci/gpu:test
-containers=()
-dockerd_pid=""
+# shellcheck source=infra/scripts/docker_lib.sh
+source "$root/infra/scripts/docker_lib.sh"
 
 # ---- progress and timings -----------------------------------------------------------------------
 t_start=$(date +%s)
@@ -71,27 +69,7 @@ cleanup() {
   local rc=$?
   set +e
   end_stage
-  if [ -n "$dockerd_pid" ]; then
-    for c in "${containers[@]}"; do
-      "$DOCKER" rm -f "$c" >/dev/null 2>&1
-    done
-    echo "---- stopping dockerd ($dockerd_pid)"
-    kill "$dockerd_pid" 2>/dev/null
-    for _ in $(seq 1 30); do
-      kill -0 "$dockerd_pid" 2>/dev/null || break
-      sleep 1
-    done
-    kill -9 "$dockerd_pid" 2>/dev/null
-    # dockerd stops the containerd it started; if it was killed, that one is still running.
-    local containerd_pid
-    containerd_pid=$(cat "$work/exec/containerd/containerd.pid" 2>/dev/null)
-    if [ -n "$containerd_pid" ] && kill -0 "$containerd_pid" 2>/dev/null; then
-      kill "$containerd_pid" 2>/dev/null
-    fi
-    # Mounts a killed daemon may leave behind, deepest first.
-    awk -v w="$work" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r |
-      while read -r mnt; do umount -l "$mnt" 2>/dev/null; done
-  fi
+  stop_dockerd
   if [ $rc -ne 0 ] && [ -f "$work/dockerd.log" ]; then
     echo "---- last lines of dockerd.log"
     tail -n 20 "$work/dockerd.log"
@@ -112,88 +90,28 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The steps of a build and what our scripts printed; the whole log when it failed.
-build_summary() {
-  grep -E '^#[0-9]+ \[|^#[0-9]+ [0-9.]+ (check_|install_deps|ensure_python)' "$1" | cut -c1-160 || true
-}
-build_failed() {
-  tail -n 60 "$1"
-  die "docker build failed (log above)"
-}
-
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # ---- 1. Docker engine ---------------------------------------------------------------------------
 stage "prerequisites: docker.io, debootstrap"
-need=()
-command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
-command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
-if [ "${#need[@]}" -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || die "need root to apt-get install ${need[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
-[ "$(id -u)" = 0 ] || die "dockerd and debootstrap need root"
-# Debian's CLI builds with the daemon's built-in BuildKit (DOCKER_BUILDKIT=1); a newer CLI without
-# the buildx plugin refuses to use BuildKit at all, and the classic builder runs every stage.
-DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
-if "$DOCKER" buildx version >/dev/null 2>&1; then
-  build() { "$DOCKER" buildx build --load --provenance=false --sbom=false "$@"; }
-else
-  build() { DOCKER_BUILDKIT=1 "$DOCKER" build "$@"; }
-fi
-echo "dockerd: $(dockerd --version); CLI: $DOCKER"
+docker_prerequisites
 
 stage "start dockerd (data, exec root and socket under $work)"
-dockerd --data-root "$work/data" --exec-root "$work/exec" --pidfile "$work/dockerd.pid" \
-  -H "unix://$sock" --iptables=false --ip-masq=false --bridge=none \
-  >"$work/dockerd.log" 2>&1 &
-dockerd_pid=$!
-for _ in $(seq 1 60); do
-  "$DOCKER" version >/dev/null 2>&1 && break
-  kill -0 "$dockerd_pid" 2>/dev/null || die "dockerd exited; see the log above"
-  sleep 1
-done
-"$DOCKER" version --format 'engine {{.Server.Version}} on {{.Server.Os}}/{{.Server.Arch}}' ||
-  die "dockerd did not answer on $sock"
+start_dockerd "$work/data"
 
 # ---- 2. stand-in base ---------------------------------------------------------------------------
 stage "debootstrap a minimal Debian $DEBIAN_SUITE with python3 (stand-in base)"
-if ! debootstrap --variant=minbase --include=python3,python3-pip "$DEBIAN_SUITE" \
-  "$work/rootfs" "$DEBIAN_MIRROR" >"$work/debootstrap.log" 2>&1; then
-  tail -n 30 "$work/debootstrap.log"
-  die "debootstrap failed"
-fi
-rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/*
-py_version=$(chroot "$work/rootfs" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-glibc=$(chroot "$work/rootfs" python3 -c 'import platform; print(platform.libc_ver()[1])')
-echo "rootfs: $(du -sh "$work/rootfs" | cut -f1), python $py_version, glibc $glibc"
-tar -C "$work/rootfs" -c . | "$DOCKER" import - "$base_tag" >/dev/null
-rm -rf "$work/rootfs"
-"$DOCKER" image ls "$base_tag"
+make_base_image "$base_tag"
+base_python "$base_tag"
 
 # ---- 3. wheels ----------------------------------------------------------------------------------
 stage "download wheels for cp${py_version/./} / glibc $glibc / $(uname -m)"
-mkdir -p "$ctx/wheels"
-platforms=()
-for minor in $(seq "${glibc#2.}" -1 17); do
-  platforms+=(--platform "manylinux_2_${minor}_$(uname -m)")
-done
-platforms+=(--platform "manylinux2014_$(uname -m)" --platform "linux_$(uname -m)")
-download() {
-  # (pip's notes about index locations that do not exist on this host are dropped)
-  "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-    --python-version "$py_version" --implementation cp "${platforms[@]}" -d "$ctx/wheels" \
-    -r "$1" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-}
 infra/scripts/install_deps.sh requirements >"$work/requirements-lambda.txt"
 infra/scripts/install_deps.sh requirements --ort "onnxruntime==$GPU_ORT_VERSION" \
   >"$work/requirements-gpu.txt"
-download "$work/requirements-lambda.txt"
-download "$work/requirements-gpu.txt"
-echo "$(find "$ctx/wheels" -name '*.whl' | wc -l) wheels, $(du -sh "$ctx/wheels" | cut -f1)"
+download_wheels "$ctx/wheels" "$work/requirements-lambda.txt" "$work/requirements-gpu.txt"
 
 # ---- 4. models ----------------------------------------------------------------------------------
 stage "build the models from the BGE-M3-layout fixture (tiny): int8 and fp16"
@@ -214,19 +132,8 @@ done
 
 # ---- 5. Lambda image ----------------------------------------------------------------------------
 stage "build infra/lambda.Dockerfile (stand-in base, prebuilt int8 model, offline wheels)"
-build --network host --progress plain -f infra/lambda.Dockerfile -t "$lambda_tag" \
-  --build-arg BASE_IMAGE="$base_tag" \
-  --build-arg ARCH="$(uname -m)" \
-  --build-arg MODEL_STAGE=model-prebuilt \
-  --build-arg MODEL_DIR="$ctx_rel/model-int8" \
-  --build-arg WHEELS_DIR="$ctx_rel/wheels" \
-  . >"$work/build-lambda.log" 2>&1 || build_failed "$work/build-lambda.log"
-build_summary "$work/build-lambda.log"
-
-# As Lambda runs it: a non-root user, a read-only root file system with a writable /tmp.
-lambda_run=(--user 993:990 --read-only --tmpfs /tmp
-  -e AWS_LAMBDA_FUNCTION_NAME=bge-m3-ci -e AWS_LAMBDA_FUNCTION_MEMORY_SIZE=4096
-  -e AWS_REGION=us-east-1)
+build_lambda_image "$lambda_tag" "$base_tag" "$ctx_rel/model-int8" "$ctx_rel/wheels" \
+  "$work/build-lambda.log"
 
 stage "Lambda image: handler.lambda_function.handler with the captured events (non-root, no network)"
 "$DOCKER" run --rm --network none "${lambda_run[@]}" \
