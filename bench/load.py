@@ -15,6 +15,7 @@ Without `--model` it builds (and caches under bench/work) the tiny random-weight
 its figures say how the server behaves under load, not how fast BGE-M3 is.
 
     python -m bench.load overload --duration 20 --factor 4
+    python -m bench.load overload --repeat 3 --trim   # RSS after each run, and after malloc_trim
     python -m bench.load soak --duration 60
 """
 
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -46,11 +48,27 @@ class Server:
     proc: subprocess.Popen[str]
     url: str
 
-    def rss_mib(self) -> float:
+    def memory_mib(self) -> dict[str, float]:
+        """VmRSS and its parts: RssAnon (heaps, arenas) and RssFile (mapped files: the model's
+        weights, libraries), so that growth can be told apart from pages of the model touched."""
+        fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+        out: dict[str, float] = {}
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no VmRSS for the server process")
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in fields:
+                out[fields[key]] = round(int(line.split()[1]) / 1024.0, 1)
+        if "rss" not in out:
+            raise RuntimeError("no VmRSS for the server process")
+        return out
+
+    def rss_mib(self) -> float:
+        return self.memory_mib()["rss"]
+
+    def trim(self) -> None:
+        """Measurement only: the server started with `trim=True` calls glibc's malloc_trim(0) on
+        SIGUSR2, returning freed heap to the system; what RSS is left is memory in use."""
+        self.proc.send_signal(signal.SIGUSR2)
+        time.sleep(1.0)  # the handler runs between the event loop's callbacks
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -61,10 +79,19 @@ class Server:
             return self.proc.wait()
 
 
-def start_server(model: Path, env: dict[str, str]) -> Server:
+# `python -m handler.main` with a SIGUSR2 handler that calls malloc_trim(0): for `--trim` only.
+TRIMMING_MAIN = (
+    "import ctypes, runpy, signal; "
+    "libc = ctypes.CDLL('libc.so.6'); "
+    "signal.signal(signal.SIGUSR2, lambda *_: libc.malloc_trim(0)); "
+    "runpy.run_module('handler.main', run_name='__main__', alter_sys=True)"
+)
+
+
+def start_server(model: Path, env: dict[str, str], *, trim: bool = False) -> Server:
     """`python -m handler.main` on a free loopback port; returns once it serves."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "handler.main"],
+        [sys.executable, "-c", TRIMMING_MAIN] if trim else [sys.executable, "-m", "handler.main"],
         cwd=REPO_ROOT,
         env={
             **os.environ,
@@ -197,20 +224,46 @@ async def capacity(url: str, clients: int, duration_s: float) -> float:
         return done / (time.monotonic() - start)
 
 
-def overload(server: Server, *, clients: int, factor: float, duration_s: float) -> dict[str, Any]:
+def overload(
+    server: Server, *, clients: int, factor: float, duration_s: float, trim: bool = False
+) -> dict[str, Any]:
     asyncio.run(open_loop(server.url, 20.0, 1.0))  # warm the process up
-    rss_before = server.rss_mib()
+    before = server.memory_mib()
     cap = asyncio.run(capacity(server.url, clients, min(5.0, duration_s)))
     tally = asyncio.run(open_loop(server.url, cap * factor, duration_s))
-    rss_after = server.rss_mib()
-    return {
+    after = server.memory_mib()
+    result = {
         "capacity_rps": round(cap, 1),
         "offered_rps": round(cap * factor, 1),
         "duration_s": duration_s,
         **tally.summary(),
-        "rss_mib_before": round(rss_before, 1),
-        "rss_mib_after": round(rss_after, 1),
-        "rss_change_pct": round(100.0 * (rss_after - rss_before) / rss_before, 2),
+        "rss_mib_before": before["rss"],
+        "rss_mib_after": after["rss"],
+        "rss_change_pct": round(100.0 * (after["rss"] - before["rss"]) / before["rss"], 2),
+        "memory_mib_before": before,
+        "memory_mib_after": after,
+    }
+    if trim:
+        server.trim()
+        result["memory_mib_after_trim"] = server.memory_mib()
+    return result
+
+
+def repeated_overload(server: Server, *, repeat: int, **kwargs: Any) -> dict[str, Any]:
+    """`overload` `repeat` times in the same server: RSS that keeps growing run after run is a
+    leak; RSS that grows once and then holds is a plateau (arenas and caches sized by the peak)."""
+    runs = [overload(server, **kwargs) for _ in range(repeat)]
+    if repeat == 1:
+        return runs[0]
+    return {
+        "runs": runs,
+        "rss_mib_after_each": [run["rss_mib_after"] for run in runs],
+        "rss_change_pct_first_to_last_after": round(
+            100.0
+            * (runs[-1]["rss_mib_after"] - runs[0]["rss_mib_after"])
+            / runs[0]["rss_mib_after"],
+            2,
+        ),
     }
 
 
@@ -266,18 +319,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--load", type=float, default=0.5, help="soak: fraction of capacity")
     parser.add_argument("--window", type=float, default=30.0, help="soak: seconds per window")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="overload: runs in the same server (leak or plateau)"
+    )
+    parser.add_argument(
+        "--trim",
+        action="store_true",
+        help="measurement only: malloc_trim(0) in the server after each overload run, then RSS",
+    )
     args = parser.parse_args(argv)
     model = args.model or tiny_model(args.work_dir)
     server = start_server(
-        model, {"MAX_CONCURRENT_REQUESTS": str(args.max_concurrent), "METRICS": "off"}
+        model,
+        {"MAX_CONCURRENT_REQUESTS": str(args.max_concurrent), "METRICS": "off"},
+        trim=args.trim,
     )
     try:
         if args.mode == "overload":
-            result = overload(
+            result = repeated_overload(
                 server,
+                repeat=args.repeat,
                 clients=args.max_concurrent,
                 factor=args.factor,
                 duration_s=args.duration or 20.0,
+                trim=args.trim,
             )
         else:
             result = soak(
@@ -295,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The tiny random-weight model: how the server behaves under load, not BGE-M3's speed.
         "tiny_model": args.model is None or "tiny" in model.name,
         "max_concurrent_requests": args.max_concurrent,
+        # glibc's arena cap, where the run set one (MALLOC_ARENA_MAX=2 python -m bench.load ...).
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
         "server_exit_code": exit_code,
         **result,
     }

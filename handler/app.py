@@ -98,7 +98,13 @@ def create_app(
         "native": settings.max_inputs_native,
         "allow_token_ids": settings.allow_token_ids,
         "default_sparse": registry is not None and registry.default.info.capabilities.sparse,
+        "default_colbert": registry is not None and registry.default.info.capabilities.colbert,
         "dims": registry.default.info.dims if registry is not None else None,
+        "vocab_size": registry.default.info.vocab_size if registry is not None else None,
+        # int8 and uint8 need the build's calibrated ranges (an engine without the property, one
+        # that failed to load, has none).
+        "scalar_types": registry is not None
+        and getattr(registry.default, "embedding_ranges", None) is not None,
     }
     app.state.error_statuses = error_statuses(
         routes, prefix, compute_paths(routes, prefix), protected_routes

@@ -339,3 +339,15 @@ def test_a_request_is_tokenized_once_by_the_engine() -> None:
     r = app.post("/v1/embeddings", json={"input": [words, words, "x"]})
     assert_openai_error(r, 400, "max_tokens_per_request")
     assert [name for name, _ in fake.calls] == ["encode", "encode"]
+
+
+def test_an_integral_number_is_an_integer_and_a_fraction_is_not() -> None:
+    # JSON Schema's integer, as the OpenAPI document says: 8.0 is 8; 8.5 is a 400.
+    app = client()
+    r = app.post("/v1/embeddings", json={"input": "x", "dimensions": 8.0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"][0]["embedding"]) == 8
+    error = assert_openai_error(
+        app.post("/v1/embeddings", json={"input": "x", "dimensions": 8.5}), 400
+    )
+    assert error["param"] == "dimensions"

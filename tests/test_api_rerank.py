@@ -173,6 +173,11 @@ def test_dense_only_model_ranks_by_dense(app_client: TestClient) -> None:
         ({"query": QUERY, "documents": ["a"] * 9}, "too_many_inputs", "documents"),
         ({"query": QUERY, "documents": ["a"], "mode": "lexical"}, "invalid_input", "mode"),
         ({"query": QUERY, "documents": ["a"], "weights": [1, 1]}, "invalid_input", "weights"),
+        (
+            {"query": QUERY, "documents": ["a"], "weights": [1e301, 0, 1]},
+            "invalid_request",
+            "weights",
+        ),
         ({"query": QUERY, "documents": [1]}, "invalid_request", "documents"),
         ({"query": QUERY, "documents": ["a"], "model": "nope"}, "model_not_found", "model"),
         (

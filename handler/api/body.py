@@ -4,14 +4,34 @@ failure, as an `ApiError` the app renders in the dialect's envelope."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from starlette.requests import Request
 
 from handler.errors import ApiError, invalid
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _integral(value: Any) -> Any:
+    """8.0 as 8: JSON Schema's `integer` is any number without a fractional part, as the OpenAPI
+    document says; 8.5 and "8" stay what they are and are refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field of a request body (parsed strictly otherwise: `true` is not 1). The bound
+# sits inside the type: on `JsonInt | None` pydantic would print `ge` into the JSON Schema.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+
+# A score weight's upper bound. Weights are ratios; bounding each keeps the sum of three finite,
+# which check_weights requires but JSON Schema cannot state.
+WEIGHT_MAX = 1e300
+Weight = Annotated[float, Field(le=WEIGHT_MAX)]
+WEIGHTS_HINT = "'weights' must be three numbers [dense, sparse, colbert], each at most 1e300."
 
 
 def _loc(loc: Sequence[int | str]) -> str:
@@ -60,7 +80,7 @@ async def parse_body(request: Request, model: type[M], hints: Mapping[str, str])
         raise invalid("The request body is empty; send a JSON object.", code="invalid_json")
     try:
         # Strict: `true` is a boolean and `0` is not, as the OpenAPI document says; lax parsing
-        # would take 0, "yes" or "off" for booleans and 3.0 for an integer.
+        # would take 0, "yes" or "off" for booleans and "3" for an integer (3.0 is one: JsonInt).
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise validation_message(exc, hints) from None

@@ -3,12 +3,16 @@ internet) and /openapi.json with the request bodies that the dialects parse by h
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
+
+from handler.api.body import WEIGHT_MAX
 
 
 class ErrorDetail(BaseModel):
@@ -116,6 +120,97 @@ def _not_all_off(switches: dict[str, bool]) -> dict[str, Any]:
 # max_length counts <s> and </s>: below 3 no token of the text fits, and the engine says so.
 MIN_MAX_LENGTH = 3
 
+# The score components in the order of `weights` (handler/engine/scoring.py).
+COMPONENTS = ("dense", "sparse", "colbert")
+
+
+def _caseless(word: str) -> str:
+    return "".join(f"[{c.upper()}{c}]" for c in word)
+
+
+def _mode_pattern(sets: list[tuple[str, ...]]) -> str:
+    """A rerank `mode` naming exactly one of `sets`: its components in any order, each once,
+    joined by '+', case-blind, with blanks around each (parse_mode strips and lowercases)."""
+    forms = [
+        r"\+".join(rf"\s*{_caseless(part)}\s*" for part in order)
+        for components in sets
+        for order in itertools.permutations(components)
+    ]
+    return "^(?:" + "|".join(forms) + ")$"
+
+
+def _one_positive(indices: list[int]) -> dict[str, Any]:
+    """An array with a positive item at one of `indices` at least."""
+    return {
+        "anyOf": [
+            {"prefixItems": [*({} for _ in range(i)), {"exclusiveMinimum": 0}]} for i in indices
+        ]
+    }
+
+
+def _weights(schema: dict[str, Any]) -> None:
+    """Three finite non-negative weights (WEIGHT_MAX bounds each, so that their sum stays finite)
+    with a positive sum, as check_weights enforces."""
+    schema.update(minItems=3, maxItems=3, contains={"exclusiveMinimum": 0})
+    schema["items"] = {"type": "number", "minimum": 0, "maximum": WEIGHT_MAX}
+
+
+def _rerank_rules(schema: dict[str, Any], limit: int, field: str, documents: bool) -> None:
+    """A non-empty query; 1..limit non-empty texts; a known `mode`; weights that give a combined
+    mode's components a positive sum (rank_documents refuses zero)."""
+    props = schema["properties"]
+    props["query"]["minLength"] = 1
+    text = {"type": "string", "minLength": 1}
+    document = {"$ref": "#/components/schemas/RerankDocument"}
+    items: dict[str, Any] = {"anyOf": [text, document]} if documents else text
+    props[field].update(items=items, minItems=1, maxItems=limit)
+    sets = [c for n in range(1, 4) for c in itertools.combinations(COMPONENTS, n)]
+    for branch in props["mode"].get("anyOf", []):
+        if branch.get("type") == "string":
+            branch["pattern"] = _mode_pattern(sets)
+    _weights(props["weights"])
+    pairs = list(itertools.combinations(range(3), 2))
+    schema["allOf"] = [
+        {
+            "if": {
+                "required": ["mode"],
+                "properties": {
+                    "mode": {
+                        "type": "string",
+                        "pattern": _mode_pattern([tuple(COMPONENTS[i] for i in pair)]),
+                    }
+                },
+            },
+            "then": {"properties": {"weights": _one_positive(list(pair))}},
+        }
+        for pair in pairs
+    ]
+    for branch in props.get("max_tokens_per_doc", {}).get("anyOf", []):
+        if branch.get("type") == "integer":
+            branch["minimum"] = MIN_MAX_LENGTH
+
+
+def _native_cohere_body(openapi: dict[str, Any], limit: int) -> None:
+    """/v2/rerank's body with the native dialect's document limit, where it differs from the
+    OpenAI dialect's (/v1/rerank)."""
+    schemas = openapi["components"]["schemas"]
+    body = copy.deepcopy(schemas["CohereRerankRequest"])
+    body["properties"]["documents"]["maxItems"] = limit
+    body["title"] = "CohereRerankRequestNative"
+    schemas["CohereRerankRequestNative"] = body
+    for path, operations in openapi.get("paths", {}).items():
+        if path.endswith("/v2/rerank") and "post" in operations:
+            content = operations["post"]["requestBody"]["content"]["application/json"]
+            content["schema"] = {"$ref": "#/components/schemas/CohereRerankRequestNative"}
+
+
+def _embedding_types(props: dict[str, Any], scalar: bool) -> None:
+    """At least one type; int8 and uint8 only from a model with calibrated ranges."""
+    kinds = [k for k in ("float", "int8", "uint8", "binary", "ubinary") if scalar or "int" not in k]
+    for branch in props.get("embedding_types", {}).get("anyOf", []):
+        if branch.get("type") == "array":
+            branch.update(minItems=1, items={"type": "string", "enum": kinds})
+
 
 def add_request_constraints(openapi: dict[str, Any], limits: dict[str, Any]) -> None:
     """The request rules the service enforces beyond the pydantic models' shapes, so that a
@@ -155,14 +250,54 @@ def add_request_constraints(openapi: dict[str, Any], limits: dict[str, Any]) -> 
             "As many texts as sentences_1 (pairs are scored index by index); a 400 otherwise."
         )
     if "weights" in score:
-        # Non-negative, and at least one positive (the engine refuses an all-zero sum).
-        score["weights"].update(minItems=3, maxItems=3, contains={"exclusiveMinimum": 0})
-        score["weights"]["items"] = {"type": "number", "minimum": 0}
+        # sparse+dense is the weighted mean of those two: one of them must weigh.
+        _weights(score["weights"])
+        score["weights"].update(_one_positive([0, 1]))
     for name in ("NativeEmbeddingRequest", "ScoreRequest"):
         max_length = props(name).get("max_length", {})
         for branch in max_length.get("anyOf", []):
             if branch.get("type") == "integer":
                 branch["minimum"] = MIN_MAX_LENGTH
+    if "embedding_types" in openai:
+        _embedding_types(openai, limits["scalar_types"])
+        if limits["scalar_types"]:
+            # int8 and uint8 are calibrated on the full width: not with `dimensions`.
+            schemas["OpenAIEmbeddingRequest"]["not"] = {
+                "required": ["dimensions", "embedding_types"],
+                "properties": {
+                    "dimensions": {"type": "integer"},
+                    "embedding_types": {"type": "array", "contains": {"enum": ["int8", "uint8"]}},
+                },
+            }
+    if "return_sparse" in openai and not limits["default_sparse"]:
+        openai["return_sparse"]["enum"] = [False]  # the model has no sparse weights
+    _embedding_types(native, limits["scalar_types"])
+    if "InputType" in schemas:
+        switches = schemas["InputType"]["properties"]
+        if not limits["default_sparse"]:
+            switches["sparse"]["anyOf"] = [{"enum": [False]}, {"type": "null"}]
+        if not limits["default_colbert"]:
+            switches["colbert"]["enum"] = [False]
+    # /v1/rerank counts documents as the OpenAI dialect does, /v2/rerank and /rerank as native.
+    if "CohereRerankRequest" in schemas:
+        _rerank_rules(schemas["CohereRerankRequest"], limits["openai"], "documents", True)
+    if "TeiRerankRequest" in schemas:
+        _rerank_rules(schemas["TeiRerankRequest"], limits["native"], "texts", False)
+    if "CohereRerankRequest" in schemas and limits["openai"] != limits["native"]:
+        _native_cohere_body(openapi, limits["native"])
+    if "RerankDocument" in schemas:
+        schemas["RerankDocument"]["properties"]["text"]["minLength"] = 1
+    tokenize = props("TokenizeRequest")
+    for branch in tokenize.get("inputs", {}).get("anyOf", []):
+        if branch.get("type") == "array":
+            branch.update(minItems=1, maxItems=limits["native"])
+    decode = props("DecodeRequest")
+    if "ids" in decode and limits.get("vocab_size"):
+        token = {"type": "integer", "minimum": 0, "maximum": limits["vocab_size"] - 1}
+        flat, nested = decode["ids"]["anyOf"]
+        flat["items"] = token
+        nested.update(items={"type": "array", "items": token}, minItems=1)
+        nested["maxItems"] = limits["native"]
     v2 = props("V2EmbeddingRequest")
     if "data" in v2:
         v2["data"].update(minItems=1, maxItems=limits["v2"])

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.body import json_body
+from handler.api.body import WEIGHTS_HINT, PositiveInt, Weight, json_body
 from handler.api.docs import body_doc
 from handler.api.render import (
     FastJSONResponse,
@@ -52,11 +52,11 @@ class NativeEmbeddingRequest(BaseModel):
     input: str | list[str]
     model: str | None = Field(default=None, description="Omitted: the default model.")
     input_type: InputType = Field(default_factory=InputType)
-    batch_size: int | None = Field(
-        default=None, ge=1, description="Accepted and ignored (the engine batches by tokens)."
+    batch_size: PositiveInt | None = Field(
+        default=None, description="Accepted and ignored (the engine batches by tokens)."
     )
-    max_length: int | None = Field(
-        default=None, ge=1, description="Tokens per input; capped at the model's own limit."
+    max_length: PositiveInt | None = Field(
+        default=None, description="Tokens per input; capped at the model's own limit."
     )
     truncate: bool = Field(default=True, description="false: an over-long input is a 400.")
     sparse_format: SparseFormat = "token"
@@ -73,12 +73,12 @@ class ScoreRequest(BaseModel):
 
     sentences_1: str | list[str]
     sentences_2: str | list[str]
-    weights: list[float] = Field(
+    weights: list[Weight] = Field(
         default_factory=lambda: list(DEFAULT_SCORE_WEIGHTS),
         description="[dense, sparse, colbert] weights of the hybrid scores.",
     )
     model: str | None = None
-    max_length: int | None = Field(default=None, ge=1)
+    max_length: PositiveInt | None = None
 
 
 EMBED_HINTS = {
@@ -89,7 +89,7 @@ EMBED_HINTS = {
 SCORE_HINTS = {
     "sentences_1": "'sentences_1' must be a string or an array of strings.",
     "sentences_2": "'sentences_2' must be a string or an array of strings.",
-    "weights": "'weights' must be three numbers: [dense, sparse, colbert].",
+    "weights": WEIGHTS_HINT,
 }
 
 

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.body import json_body
+from handler.api.body import JsonInt, PositiveInt, json_body
 from handler.api.docs import body_doc
 from handler.api.render import (
     FastJSONResponse,
@@ -40,7 +40,7 @@ router = APIRouter(tags=["OpenAI"])
 class OpenAIEmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
+    input: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
         description="A string, an array of strings, or (with ALLOW_TOKEN_IDS=true) token ids of "
         "this model's vocabulary: an array of ids or an array of id arrays."
     )
@@ -52,8 +52,8 @@ class OpenAIEmbeddingRequest(BaseModel):
         default="float", description="`base64`: little-endian float32 bytes, base64-encoded."
     )
     # Strict, as OpenAI's schema says integer: "64" is refused, not read as 64.
-    dimensions: StrictInt | None = Field(
-        default=None, ge=1, description="Keep the first N dimensions, then renormalise."
+    dimensions: PositiveInt | None = Field(
+        default=None, description="Keep the first N dimensions, then renormalise."
     )
     user: str | None = None
     return_sparse: bool = Field(

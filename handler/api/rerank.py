@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.body import json_body
+from handler.api.body import WEIGHTS_HINT, PositiveInt, Weight, json_body
 from handler.api.docs import body_doc
 from handler.api.render import FastJSONResponse, usage
 from handler.api.routing import compute, record_of, service_of
@@ -51,15 +51,15 @@ class CohereRerankRequest(BaseModel):
         description="Strings, or objects with a `text` field (Cohere v1's document objects)."
     )
     model: str | None = Field(default=None, description="Omitted: the default model.")
-    top_n: int | None = Field(default=None, ge=1, description="Return only the best N.")
+    top_n: PositiveInt | None = Field(default=None, description="Return only the best N.")
     return_documents: bool = Field(
         default=False, description="true: each result carries `document: {text}`."
     )
-    max_tokens_per_doc: int | None = Field(
-        default=None, ge=1, description="Tokens per text (Cohere v2); capped at the model's limit."
+    max_tokens_per_doc: PositiveInt | None = Field(
+        default=None, description="Tokens per text (Cohere v2); capped at the model's limit."
     )
     mode: str | None = Field(default=None, description=MODE_DOC)
-    weights: list[float] = Field(
+    weights: list[Weight] = Field(
         default_factory=lambda: list(DEFAULT_SCORE_WEIGHTS), description=WEIGHTS_DOC
     )
     truncate: bool = Field(
@@ -79,7 +79,7 @@ class TeiRerankRequest(BaseModel):
     )
     model: str | None = Field(default=None, description="Extension: a served model id or alias.")
     mode: str | None = Field(default=None, description=MODE_DOC)
-    weights: list[float] = Field(
+    weights: list[Weight] = Field(
         default_factory=lambda: list(DEFAULT_SCORE_WEIGHTS), description=WEIGHTS_DOC
     )
 
@@ -87,12 +87,12 @@ class TeiRerankRequest(BaseModel):
 COHERE_HINTS = {
     "query": "'query' must be a string.",
     "documents": "'documents' must be an array of strings or of objects with a 'text' string.",
-    "weights": "'weights' must be three numbers: [dense, sparse, colbert].",
+    "weights": WEIGHTS_HINT,
 }
 TEI_HINTS = {
     "query": "'query' must be a string.",
     "texts": "'texts' must be an array of strings.",
-    "weights": "'weights' must be three numbers: [dense, sparse, colbert].",
+    "weights": WEIGHTS_HINT,
 }
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from handler.api.body import json_body
+from handler.api.body import JsonInt, json_body
 from handler.api.docs import body_doc
 from handler.api.render import FastJSONResponse
 from handler.api.routing import compute, record_of, service_of
@@ -41,7 +41,7 @@ class TokenizeRequest(BaseModel):
 class DecodeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[StrictInt] | list[list[StrictInt]]
+    ids: list[JsonInt] | list[list[JsonInt]]
     skip_special_tokens: bool = True
     model: str | None = Field(default=None, description="Extension: a served model id or alias.")
 
