@@ -23,6 +23,7 @@ from handler.engine.cache import CACHED, COMPUTED, SHARED, EmbedCache, first_occ
 from handler.engine.compact import Ranges
 from handler.engine.errors import CapabilityError, InputError, ModelLoadError
 from handler.engine.manifest import Manifest, VerifyMode, load_manifest, verify_files
+from handler.engine.memory import release_freed_heap
 from handler.engine.session import (
     Device,
     create_session,
@@ -62,6 +63,9 @@ class EngineConfig:
     warmup: bool = True
     # Entries of the in-process LRU cache of per-input outputs (0: no cache). See cache.py.
     cache_size: int = 0
+    # Give the heap the load freed back to the kernel once the session is built and warm
+    # (glibc only; see memory.py).
+    release_heap: bool = True
 
 
 @dataclass
@@ -126,6 +130,10 @@ class Engine(scoring.PairScoring):
             timings["warmup"] = _ms_since(t)
         if config.cache_size > 0:  # after the warm-up, which is no one's input
             engine.cache = EmbedCache(config.cache_size, manifest.fingerprint)
+        if config.release_heap:
+            t = time.perf_counter()
+            release_freed_heap()
+            timings["release_heap"] = _ms_since(t)
         engine.load_ms = _ms_since(start)
         log.info(
             "loaded %s (%s, %s) from %s on %s with %d threads in %.0f ms",

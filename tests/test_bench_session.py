@@ -1,0 +1,47 @@
+"""The session probes of docs/memory-and-session.md, run as a reader runs them (tiny fixture)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout
+
+
+def test_session_memory_reports_each_variant(tiny_int8: Path) -> None:
+    out = run(
+        "bench.session_memory", str(tiny_int8), "--rounds", "1", "--reps", "1",
+        "--variants", "base,trim",
+    )  # fmt: skip
+    summary = json.loads(out)
+
+    assert set(summary) == {"base", "trim"}
+    assert "release_heap_ms" in summary["trim"] and "release_heap_ms" not in summary["base"]
+    for figures in summary.values():
+        assert figures["after_load_rss_mib"] > 0
+        assert figures["after_load_anon_mib"] + figures["after_load_file_mib"] > 0
+        assert figures["p50_9tok_ms"] > 0 and figures["p50_128tok_ms"] > 0
+
+
+def test_saved_graphs_give_the_artifacts_outputs_on_the_cpu_that_saved_them(
+    tiny_int8: Path, tmp_path: Path
+) -> None:
+    run("bench.prepack_isa", "save", str(tiny_int8), str(tmp_path))
+    result = json.loads(run("bench.prepack_isa", "compare", str(tiny_int8), str(tmp_path)))
+
+    for graph in ("prepacked.onnx", "extended.onnx"):
+        assert set(result[graph]) == {"dense", "sparse", "colbert"}
+        assert all(d == 0.0 for d in result[graph].values())
