@@ -424,3 +424,17 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, tiny_fp32: Path) -> None:
     assert "rows/s" in shown and "tokens/s" in shown
     assert '"event": "part"' not in shown
     assert json.loads(stdout.strip().splitlines()[-1])["rows"] == len(TEXTS)
+
+
+def test_the_job_runs_its_own_token_budget_not_the_apis(
+    tiny_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job's passes are always full, so its budget sets its peak memory: JOB_BATCH_TOKEN_BUDGET
+    # (default 4096), whatever BATCH_TOKEN_BUDGET the API in the same environment uses.
+    from handler.batch.__main__ import load_engine
+    from handler.settings import Settings
+
+    monkeypatch.setenv("BATCH_TOKEN_BUDGET", "16384")
+    assert load_engine(Settings(), str(tiny_fp32), None).config.batch_token_budget == 4096
+    monkeypatch.setenv("JOB_BATCH_TOKEN_BUDGET", "512")
+    assert load_engine(Settings(), str(tiny_fp32), None).config.batch_token_budget == 512

@@ -93,7 +93,7 @@ def load_engine(settings: Settings, model_path: str | None, device: str | None) 
         raise JobError("no model: set MODEL_PATH or pass --model-path")
     config = EngineConfig(
         threads=settings.threads,
-        batch_token_budget=settings.batch_token_budget,
+        batch_token_budget=settings.job_batch_token_budget,
         verify=settings.model_verify,
         device=device or settings.device,  # type: ignore[arg-type]  # argparse choices
         warmup=False,

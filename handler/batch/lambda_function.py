@@ -272,7 +272,7 @@ def engine_from_environment() -> EmbeddingEngine:
         raise RuntimeError("MODEL_PATH is not set")
     config = EngineConfig(
         threads=settings.threads,
-        batch_token_budget=settings.batch_token_budget,
+        batch_token_budget=settings.job_batch_token_budget,
         verify=settings.model_verify,
         device=settings.device,
         warmup=False,
