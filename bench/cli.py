@@ -258,7 +258,12 @@ def make_texts(mode: Mode, source: Path, path: Path) -> Json:
         },
         "concurrency": {
             "tokens": mode.concurrency_tokens,
-            "text": tt.make(mode.concurrency_tokens, seed=99),
+            # one distinct text per request of the largest level (identical ones would be
+            # computed once per pass), plus one for the route's first call
+            "texts": [
+                tt.make(mode.concurrency_tokens, seed=99 + i)
+                for i in range(concurrency.requests(mode.concurrency) + 1)
+            ],
         },
     }
     path.write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -351,7 +356,7 @@ def run_engine(
         say("engine", f"{engine}: concurrency against uvicorn on 127.0.0.1")
         res["concurrency"] = concurrency.measure(
             art.path,
-            texts["concurrency"]["text"],
+            texts["concurrency"]["texts"],
             texts["concurrency"]["tokens"],
             mode.concurrency,
             args.work_dir / "logs" / f"server-{mode.size}-{engine}.log",

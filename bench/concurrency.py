@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,11 @@ class Plan:
     start_timeout_s: float
     level_timeout_s: float
     request_timeout_s: float
+
+
+def requests(plan: Plan) -> int:
+    """Requests in the plan's largest level."""
+    return max(max(plan.min_requests, c * plan.requests_per_client) for c in plan.levels)
 
 
 def free_port() -> int:
@@ -82,8 +87,13 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> 
     raise RuntimeError(f"the server was not healthy after {timeout_s:.0f} s")
 
 
-def run_level(port: int, clients: int, total: int, text: str, plan: Plan) -> Json:
-    body = json.dumps({"input": [text], "model": "bge-m3", "encoding_format": "float"}).encode()
+def run_level(port: int, clients: int, total: int, texts: Sequence[str], plan: Plan) -> Json:
+    """`total` requests from `clients` clients, request i sending texts[i % len(texts)]: distinct
+    texts, or the service computes identical inputs once per pass and the figure measures that."""
+    bodies = [
+        json.dumps({"input": [text], "model": "bge-m3", "encoding_format": "float"}).encode()
+        for text in texts
+    ]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     lock = threading.Lock()
@@ -95,11 +105,14 @@ def run_level(port: int, clients: int, total: int, text: str, plan: Plan) -> Jso
         try:
             while time.monotonic() < deadline:
                 with lock:
-                    if next(counter, None) is None:
-                        return
+                    index = next(counter, None)
+                if index is None:
+                    return
                 t = time.perf_counter()
                 try:
-                    status, _ = _request(conn, "POST", "/v1/embeddings", body)
+                    status, _ = _request(
+                        conn, "POST", "/v1/embeddings", bodies[index % len(bodies)]
+                    )
                     key = str(status)
                 except (OSError, http.client.HTTPException) as exc:
                     key = type(exc).__name__
@@ -167,7 +180,7 @@ def served(
             stop_process(proc)
 
 
-def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) -> Json:
+def measure(artifact: Path, texts: Sequence[str], tokens: int, plan: Plan, log_file: Path) -> Json:
     """Start the server on a free loopback port, run every level, always stop the server."""
     result: Json = {"tokens_per_request": tokens, "levels": {}}
     try:
@@ -176,14 +189,14 @@ def measure(artifact: Path, text: str, tokens: int, plan: Plan, log_file: Path) 
             result["start_s"] = round(start_s, 3)
             result["rss_after_load_mib"] = round(rss_mib(pid), 1)
             say("concurrency", f"server healthy on {HOST}:{port} after {start_s:.1f}s")
-            warm = run_level(port, 1, 1, text, plan)  # one request: the route's first call
+            warm = run_level(port, 1, 1, texts[-1:], plan)  # one request: the route's first call
             if warm["ok"] != 1:
                 raise RuntimeError(f"the first request failed: {warm['statuses']}")
             for clients in plan.levels:
                 if STOP.is_set():
                     raise RuntimeError(INTERRUPTED)
-                total = max(plan.min_requests, clients * plan.requests_per_client)
-                level = run_level(port, clients, total, text, plan)
+                total = max(plan.min_requests, clients * plan.requests_per_client)  # requests()
+                level = run_level(port, clients, total, texts, plan)
                 result["levels"][str(clients)] = level
                 say(
                     "concurrency",

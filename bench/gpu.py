@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_concurrency:
         os.environ["DEVICE"] = "cuda"
-        text = maker.make(128, 4242)
+        texts = [maker.make(128, 4242 + i) for i in range(concurrency.requests(PLAN) + 1)]
         result["concurrency_128_tokens"] = concurrency.measure(
-            args.artifact, text, 128, PLAN, args.out.parent / "gpu-server.log"
+            args.artifact, texts, 128, PLAN, args.out.parent / "gpu-server.log"
         )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
