@@ -340,6 +340,8 @@ def run_engine(
     res["threads"] = main.get("threads")
     for stage in ("cold_start", "warm_latency", "throughput"):
         res[stage] = main.get(stage) or {"error": main.get("error", "no result")}
+    if main.get("overhead"):
+        res["overhead"] = main["overhead"]
     res["main_job"] = {k: main.get(k) for k in ("wall_s", "parent_sampled_peak_rss_mib", "error")}
     if STOP.is_set():
         return res
@@ -455,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"name": f"{n}x{t}", "texts": n, "tokens_each": t} for n, t in mode.throughput
             ],
             "throughput_reps": mode.throughput_reps,
+            "overhead_reps": mode.overhead_reps,
             "long": {"name": f"{mode.long_tokens} tokens", "tokens": mode.long_tokens},
             "concurrency": {
                 "levels": list(mode.concurrency.levels),

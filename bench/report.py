@@ -196,6 +196,44 @@ def _why(stage: Any) -> str | None:
     return None
 
 
+def overhead_lines(engines: Json) -> list[str]:
+    """The path around the model (bench/overhead.py): the same 9-token request through each host
+    and through the engine alone, in one process."""
+    rows = []
+    for res in engines.values():
+        for host, fig in (res.get("overhead") or {}).items():
+            if not isinstance(fig, dict) or "wall_minus_stages_p50_ms" not in fig:
+                continue
+            rows.append(
+                [
+                    res["label"],
+                    host,
+                    str(fig.get("n")),
+                    _ms(fig.get("handler_p50_ms")),
+                    _ms(fig.get("engine_p50_ms")),
+                    _ms(fig.get("p50_difference_ms")),
+                    f"{_ms(fig.get('wall_minus_stages_p50_ms'))} "
+                    f"({_ms(fig.get('wall_minus_stages_p25_ms'))}-"
+                    f"{_ms(fig.get('wall_minus_stages_p75_ms'))})",
+                ]
+            )
+    if not rows:
+        return []
+    lines = [
+        "## The path around the model: a 9-token query, dense only (`bench/overhead.py`)",
+        "",
+        "Each host's request alternated with the engine's own call with the route's options, in "
+        "one process; `wall - stages` is each response's time minus the stages its own `x-*-time` "
+        "headers report (tokenize, queue, infer, post), p50 (p25-p75).",
+        "",
+    ]
+    lines += _table(
+        ["engine", "host", "requests", "host p50", "engine p50", "difference", "wall - stages"],
+        rows,
+    )
+    return lines
+
+
 def markdown(doc: Json, plot_name: str | None) -> str:
     m, cfg, engines = doc["machine"], doc["config"], doc["engines"]
     versions = m["versions"]
@@ -312,6 +350,7 @@ def markdown(doc: Json, plot_name: str | None) -> str:
             handler_rows,
         )
 
+    lines += overhead_lines(engines)
     lines += image_start_lines(doc)
 
     conc_rows = []

@@ -115,6 +115,10 @@ def test_stage_contents(smoke: tuple[dict[str, Any], Path]) -> None:
             for level in levels.values():
                 assert level["ok"] == level["planned"] > 0, level
                 assert level["statuses"] == {"200": level["planned"]}
+            # the path around the model, both hosts, in the results (and so in the report)
+            for host in ("lambda", "uvicorn"):
+                fig = res["overhead"][host]
+                assert fig["n"] == cfg["overhead_reps"] and fig["engine_p50_ms"] > 0, fig
         else:
             assert res["concurrency"].get("skipped")
 
