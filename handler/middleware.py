@@ -95,7 +95,11 @@ class Drain:
     waiting request learns of it through its own event loop."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: `begin` runs in a signal handler, which Python runs in the main thread between
+        # two bytecodes, possibly while that thread holds this lock (in `waiter`, or in `begin`
+        # for the first of two SIGTERMs: `make serve` and a process-group kill send two). A plain
+        # Lock would deadlock the process there, and it would never exit.
+        self._lock = threading.RLock()
         self.deadline: float | None = None  # time.monotonic() by which requests must be done
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -118,11 +122,11 @@ class Drain:
         """A future that completes when draining begins (at once if it has)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
-            draining = self.deadline is not None
-            if not draining:
-                self._waiters.add(future)
-        if draining:
-            future.set_result(None)
+            self._waiters.add(future)
+        # Checked after registering: a `begin` that ran before, or inside the block above (from a
+        # signal handler), may not have seen this future.
+        if self.deadline is not None:
+            _settle(future)
         try:
             yield future
         finally:

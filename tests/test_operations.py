@@ -7,6 +7,7 @@ seen what it waits for; every wait is a bounded guard against a hang."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -399,3 +400,44 @@ def metric_authed(url: str, auth: dict[str, str]) -> float:
             if sample.name == "bge_m3_in_flight_requests":
                 return sample.value
     return 0.0
+
+
+def test_a_second_sigterm_inside_the_first_ones_handler_does_not_deadlock() -> None:
+    # Python runs a signal handler in the main thread between two bytecodes, possibly while that
+    # thread holds the drain's lock: inside `begin` for the first of two SIGTERMs (`make serve`
+    # under a process-group kill gets two), or inside `waiter`. Holding the lock and calling
+    # `begin` from the same thread is that moment; with a non-reentrant lock it never returns.
+    from handler.middleware import Drain
+
+    drain = Drain()
+
+    def signal_while_the_lock_is_held() -> None:
+        with drain._lock:
+            drain.begin(5.0)
+
+    thread = threading.Thread(target=signal_while_the_lock_is_held, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "Drain.begin deadlocked on its own lock"
+    assert drain.draining
+
+
+def test_a_waiter_registered_while_draining_begins_is_settled() -> None:
+    # `begin` can run (from a signal handler) between a waiter's registration and its check:
+    # the waiter must still learn that draining began.
+    from handler.middleware import Drain
+
+    async def scenario() -> bool:
+        drain = Drain()
+        with drain._lock:  # as if the signal came while `waiter` held the lock
+            drain.begin(5.0)
+        with drain.waiter() as future:
+            await asyncio.wait_for(asyncio.shield(future), timeout=5)
+            return future.done()
+
+    settled: list[bool] = []
+    # In a thread of its own, so that a lock that deadlocks fails this test instead of hanging it.
+    thread = threading.Thread(target=lambda: settled.append(asyncio.run(scenario())), daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert settled == [True]
