@@ -40,6 +40,17 @@ Json = dict[str, Any]
 # bench.prep), the callers start no new one (bench.cli.run_engine, Prep._cached_or_run), and no
 # result file is written, so an interrupted run never replaces the last complete one.
 STOP = threading.Event()
+# The cold start's split as bench.worker's start_ours reports it (milliseconds).
+COLD_SPLIT_MS = (
+    "interpreter_ms",
+    "imports_ms",
+    "tokenizer_ms",
+    "session_ms",
+    "warmup_ms",
+    "load_ms",
+    "first_request_ms",
+    "total_ms",
+)
 INTERRUPTED = "interrupted (SIGINT/SIGTERM to the benchmark)"
 
 

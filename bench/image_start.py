@@ -37,7 +37,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO_ROOT, RESULT_PREFIX, STOP, Json, load_average, percentile, say
+from bench.common import (
+    COLD_SPLIT_MS,
+    REPO_ROOT,
+    RESULT_PREFIX,
+    STOP,
+    Json,
+    load_average,
+    percentile,
+    say,
+)
 from bench.prep import code_digest, digest_files
 
 SCRIPT = REPO_ROOT / "bench" / "image_start.sh"
@@ -49,14 +58,7 @@ DOCKER_ROOT = Path(os.environ.get("BENCH_DOCKER_ROOT", "/var/tmp/bge-m3-bench-do
 QUERY = "What is the capital of France?"
 # The split of bench.worker's cold start (start_ours), and what the host adds around it.
 SPLIT = (
-    "interpreter_ms",
-    "imports_ms",
-    "tokenizer_ms",
-    "session_ms",
-    "warmup_ms",
-    "load_ms",
-    "first_request_ms",
-    "total_ms",
+    *COLD_SPLIT_MS,
     "container_start_ms",
     "docker_run_to_200_ms",
     "peak_rss_mib",

@@ -14,21 +14,12 @@ from typing import Any
 
 import pytest
 
+from bench.common import COLD_SPLIT_MS
 from tests.conftest import REPO_ROOT
 
 ENGINES = ("ours-int8", "ours-fp32", "ours-fp16", "ort-fp32", "ort-int8", "flagembedding")
 STAGES = ("artifact", "cold_start", "warm_latency", "throughput", "long_text", "concurrency")
-COLD_SPLIT = (
-    "interpreter_ms",
-    "imports_ms",
-    "tokenizer_ms",
-    "session_ms",
-    "warmup_ms",
-    "load_ms",
-    "first_request_ms",
-    "total_ms",
-    "rss_after_load_mib",
-)
+COLD_SPLIT = (*COLD_SPLIT_MS, "rss_after_load_mib")
 
 
 @pytest.fixture(scope="module")
