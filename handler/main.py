@@ -64,7 +64,7 @@ def _load(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
         from handler import engine as engine_pkg
 
         registry = engine_pkg.load_registry(list(paths), engine_config(settings))
-        if settings.micro_batch:
+        if settings.micro_batching:
             registry = engine_pkg.micro_batched(registry, wait_ms=wait_ms)
     except Exception as exc:
         log.exception("loading the models from %s failed", ",".join(map(str, paths)))
@@ -73,7 +73,7 @@ def _load(settings: Settings) -> tuple[ModelRegistry | None, str | None]:
         "loaded %s in %.0f ms (micro-batching %s)",
         ", ".join(e.info.id for e in registry),
         (time.perf_counter() - start) * 1000.0,
-        f"on, wait {wait_ms:g} ms" if settings.micro_batch else "off",
+        f"on, wait {wait_ms:g} ms" if settings.micro_batching else "off",
     )
     return registry, None
 
@@ -130,6 +130,9 @@ def _configure_logging(settings: Settings) -> None:
     if not root.handlers:  # Lambda's runtime installs its own handler; keep it
         logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     root.setLevel(settings.log_level)
+    # Mangum logs "POST /path 200" at INFO for every invocation; handler/logging.py already writes
+    # one structured line per request, so this one would only double the log volume and its cost.
+    logging.getLogger("mangum.http").setLevel(max(logging.WARNING, root.level))
 
 
 settings = Settings()

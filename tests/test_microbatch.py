@@ -328,13 +328,26 @@ def test_micro_batched_wraps_real_engines_only(engine: Engine) -> None:
 def test_settings_bound_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    assert settings().micro_batch is True and settings().micro_batch_wait_ms == 0
+    assert settings().micro_batching is True and settings().micro_batch_wait_ms == 0
     monkeypatch.setenv("MICRO_BATCH", "false")
     monkeypatch.setenv("MICRO_BATCH_WAIT_MS", "2.5")
-    assert settings().micro_batch is False and settings().micro_batch_wait_ms == 2.5
+    assert settings().micro_batching is False and settings().micro_batch_wait_ms == 2.5
     monkeypatch.setenv("MICRO_BATCH_WAIT_MS", "51")
     with pytest.raises(ValidationError):
         settings()
+
+
+def test_on_lambda_micro_batching_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lambda hands an environment one request at a time: nothing to share a pass with."""
+    monkeypatch.delenv("MICRO_BATCH", raising=False)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "bge-m3")
+    assert settings().micro_batching is False
+    monkeypatch.setenv("MICRO_BATCH", "true")
+    assert settings().micro_batching is True
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME")
+    monkeypatch.setenv("K_SERVICE", "bge-m3")  # Cloud Run: concurrent requests, batching pays
+    monkeypatch.delenv("MICRO_BATCH")
+    assert settings().micro_batching is True
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------
