@@ -256,7 +256,10 @@ def rebuild_session(engine: Engine, model_dir: Path, threads: int) -> float:
 
     start = time.perf_counter()
     session = create_session(
-        model_dir / engine.manifest.onnx_file, device=engine.config.device, threads=threads
+        model_dir / engine.manifest.onnx_file,
+        device=engine.config.device,
+        threads=threads,
+        optimized=engine.manifest.onnx.optimized,
     )
     engine.session, engine.threads = session, threads
     warm(engine)

@@ -1,7 +1,7 @@
 """The build pipeline behind `python -m model_build` (and its Python API):
 
-    fetch -> load -> reference -> [smoothquant] -> export -> attention -> quantize -> tokenizer
-        -> manifest (draft) -> validate -> manifest
+    fetch -> load -> reference -> [smoothquant] -> export -> attention -> quantize -> optimize
+        -> tokenizer -> manifest (draft) -> validate -> manifest
 
 Each stage fills its section of the typed manifest (handler/engine/manifest.py). Everything is
 written to a staging directory beside --out (same filesystem); the gate loads that directory with
@@ -37,6 +37,7 @@ from model_build import (
     attention,
     faults,
     gate,
+    optimize,
     precision,
     ranges,
     recipes,
@@ -73,6 +74,8 @@ class BuildOptions:
     fault_inject: str | None = None
     int8_weights: str = "s8"  # "u8" for x86 without VNNI (see model_build/quantize.py)
     keep_staging: bool = False  # debugging: keep the staging dir of a failed build
+    # Ship onnxruntime's optimization of the graph (CPU precisions): a faster start (optimize.py).
+    optimize_graph: bool = True
 
 
 @dataclass
@@ -166,6 +169,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildRepor
     return BuildReport(out=out, manifest=manifest, seconds=seconds)
 
 
+def runs_on_cpu_provider(precision: Precision) -> bool:
+    """fp16 is the GPU variant (its graph is optimized by the CUDA provider where it runs)."""
+    return precision != "fp16"
+
+
 def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> Manifest:
     import torch
 
@@ -249,6 +257,10 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> Manif
     with progress.stage("quantize", f"precision {options.precision}"):
         quantization = _quantize(exported, final, options, smooth_report, progress)
     shutil.rmtree(work)
+    optimized = None
+    if options.optimize_graph and runs_on_cpu_provider(options.precision):
+        with progress.stage("optimize", "onnxruntime's extended graph optimization, saved"):
+            optimized = optimize.optimize_graph(final, recipes.EXTERNAL_DATA, progress)
     onnx_section = OnnxSection(
         file=artifact.ONNX_FILE,
         inputs=recipes.INPUT_SPECS,
@@ -256,6 +268,7 @@ def _build_in(staging: Path, options: BuildOptions, progress: Progress) -> Manif
         external_data=recipes.EXTERNAL_DATA,
         opset=artifact.onnx_opset(final),
         attention=attention_report,
+        optimized=optimized,
     )
 
     with progress.stage("tokenizer", "tokenizer.json, and sentencepiece if it gives the same ids"):

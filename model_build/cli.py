@@ -148,6 +148,12 @@ def make_parser() -> argparse.ArgumentParser:
         "AVX-512F), about half the matmul speed where VNNI exists (default %(default)s)",
     )
     parser.add_argument(
+        "--no-optimize-graph",
+        action="store_true",
+        help="ship the graph as exported: the server optimizes it at every start (by default "
+        "CPU precisions ship the graph onnxruntime optimized at build time)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace --out if it exists and is not empty"
     )
     parser.add_argument("--cache-dir", type=Path, help="hub download cache (default HF_HUB_CACHE)")
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_inject=args.fault_inject,
         int8_weights=args.int8_weights,
         keep_staging=args.keep_staging,
+        optimize_graph=not args.no_optimize_graph,
     )
     try:
         report = build(options)

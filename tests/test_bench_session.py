@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.optimized_graph import RECORD
 from tests.conftest import REPO_ROOT
 
 
@@ -45,3 +46,27 @@ def test_saved_graphs_give_the_artifacts_outputs_on_the_cpu_that_saved_them(
     for graph in ("prepacked.onnx", "extended.onnx"):
         assert set(result[graph]) == {"dense", "sparse", "colbert"}
         assert all(d == 0.0 for d in result[graph].values())
+
+
+def test_the_build_optimized_graph_bench_times_each_variant_on_the_same_outputs(
+    tiny_int8: Path, tmp_path: Path
+) -> None:
+    # GIVEN a copy of the artifact's graph optimized again by the build's stage
+    out = tmp_path / "optimized"
+    record = json.loads(run("bench.optimized_graph", "prepare", str(tiny_int8), str(out)))
+    assert record["level"] == "extended" and record["provider"] == "CPUExecutionProvider"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx_data", RECORD]
+    # WHEN both are timed in fresh processes, with one more load level for the copy
+    timed = run(
+        "bench.optimized_graph", "time", str(tiny_int8), str(out),
+        "--rounds", "1", "--queries", "3", "--threads", "1", "--levels", "ORT_ENABLE_BASIC",
+    )  # fmt: skip
+    summary = json.loads(timed)
+    # THEN each ran at the level the engine (or --levels) chose, with the same outputs
+    levels = {name: runs[0]["level"] for name, runs in summary["runs"].items()}
+    assert list(levels.values()) == ["ORT_DISABLE_ALL", "ORT_DISABLE_ALL", "ORT_ENABLE_BASIC"]
+    for runs in summary["runs"].values():
+        assert runs[0]["session_ms"] > 0 and runs[0]["query_p50_ms"] > 0
+    differences = summary["max_abs_difference_vs_artifact_graph"]
+    assert len(differences) == 2
+    assert all(d <= 1e-6 for per_output in differences.values() for d in per_output)

@@ -4,6 +4,7 @@ the same dataclasses, and documents the runtime refuses with a message that says
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from handler.engine.manifest import (
     FileEntry,
     Manifest,
     OnnxSection,
+    OptimizedGraph,
     QuantizationSection,
     SentencePieceSection,
     SourceSection,
@@ -73,6 +75,27 @@ def test_a_written_manifest_reads_back_equal(tmp_path: Path) -> None:
     assert loaded.int8_weights == "u8" and loaded.source.label == "BAAI/bge-m3"
     assert loaded.sentencepiece is not None
     assert loaded.sentencepiece.model_file == "sentencepiece.model"
+
+
+def test_the_optimized_graph_record_reads_back_and_is_optional(tmp_path: Path) -> None:
+    base = _manifest()
+    record = OptimizedGraph(
+        level="extended",
+        onnxruntime="1.31.1",
+        provider="CPUExecutionProvider",
+        disabled_optimizers=("SkipLayerNormFusion",),
+    )
+    manifest = base.with_sections(onnx=replace(base.onnx, optimized=record))
+    write_manifest(tmp_path, manifest)
+    assert load_manifest(tmp_path).onnx.optimized == record
+    # A manifest from before the section existed reads as a graph nobody optimized.
+    document = manifest_document(base)
+    del document["onnx"]["optimized"]
+    assert parse_manifest(document).onnx.optimized is None
+    document["onnx"]["optimized"] = {**manifest_document(manifest)["onnx"]["optimized"]}
+    document["onnx"]["optimized"]["level"] = "all"  # the layout level depends on the CPU
+    with pytest.raises(ModelLoadError, match=r"onnx\.optimized\.level"):
+        parse_manifest(document)
 
 
 def test_a_manifest_of_the_previous_format_names_the_rebuild_command(tmp_path: Path) -> None:

@@ -80,6 +80,19 @@ def _check_artifact(model_dir: Path, *, recipe: str, precision: str) -> dict[str
         assert mode & 0o444 == 0o444, f"{path.name} is not world-readable ({oct(mode)})"
     assert raw["onnx"]["file"] == "model.onnx"
     assert raw["onnx"]["external_data"] == "model.onnx_data"
+    # CPU precisions ship the graph onnxruntime optimized at build time (its files are the ones
+    # under sha256 above, and nothing else was left behind); fp16, the GPU variant, does not.
+    if precision == "fp16":
+        assert raw["onnx"]["optimized"] is None
+    else:
+        import onnxruntime as ort
+
+        assert raw["onnx"]["optimized"] == {
+            "level": "extended",
+            "onnxruntime": ort.__version__,
+            "provider": "CPUExecutionProvider",
+            "disabled_optimizers": ["SkipLayerNormFusion"],
+        }
     assert raw["onnx"]["inputs"] == [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},

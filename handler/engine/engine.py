@@ -101,7 +101,7 @@ class Engine(scoring.PairScoring):
         # of its own, so the two overlap on a 2-vCPU function instead of adding up.
         threads = config.threads or default_threads(config.cpu_limit)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="session") as pool:
-            pending = pool.submit(_timed_session, model_dir / manifest.onnx_file, config, threads)
+            pending = pool.submit(_timed_session, model_dir, manifest, config, threads)
             t = time.perf_counter()
             tokenizer = TextTokenizer.load(model_dir, manifest)
             timings["tokenizer"] = _ms_since(t)
@@ -393,10 +393,15 @@ class Engine(scoring.PairScoring):
         )
 
 
-def _timed_session(model_file: Path, config: EngineConfig, threads: int) -> tuple[Any, float]:
+def _timed_session(
+    model_dir: Path, manifest: Manifest, config: EngineConfig, threads: int
+) -> tuple[Any, float]:
+    model_file = model_dir / manifest.onnx_file
     t = time.perf_counter()
     try:
-        session = create_session(model_file, device=config.device, threads=threads)
+        session = create_session(
+            model_file, device=config.device, threads=threads, optimized=manifest.onnx.optimized
+        )
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelLoadError(f"{model_file}: cannot be loaded ({exc})") from exc
     return session, _ms_since(t)

@@ -31,6 +31,7 @@ Recipe = Literal["bge-m3", "dense"]
 Precision = Literal["int8", "fp16", "fp32"]
 VerifyMode = Literal["sha256", "size", "off"]
 Int8Weights = Literal["s8", "u8"]
+OptimizationLevel = Literal["basic", "extended"]
 
 RECIPES: tuple[Recipe, ...] = ("bge-m3", "dense")
 PRECISIONS: tuple[Precision, ...] = ("int8", "fp16", "fp32")
@@ -101,6 +102,18 @@ class TokenizerSection:
 
 
 @dataclass(frozen=True)
+class OptimizedGraph:
+    """The graph file is onnxruntime's own optimization of the exported graph, saved at build time
+    (stage optimize): the engine may load it with its graph optimizations off when it runs the
+    same onnxruntime on the same provider with the same fusions disabled."""
+
+    level: OptimizationLevel  # below the layout level, which depends on the CPU
+    onnxruntime: str  # the version that optimized it
+    provider: str
+    disabled_optimizers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class OnnxSection:
     file: str
     inputs: tuple[TensorSpec, ...]
@@ -108,6 +121,7 @@ class OnnxSection:
     external_data: str | None = None
     opset: int | None = None
     attention: dict[str, Any] = field(default_factory=dict)  # the attention rewrite's report
+    optimized: OptimizedGraph | None = None  # None: as exported, the engine optimizes at load
 
 
 @dataclass(frozen=True)
