@@ -108,9 +108,12 @@ def lambda_overhead(handler: Any, engine: Any, settings: Any, text: str, reps: i
 
 def start_server(env: Mapping[str, str]) -> tuple[subprocess.Popen[str], str, int]:
     """`python -m handler.main` on a free loopback port; returns once it logged its address."""
+    # A uvicorn host is not Lambda: without the Lambda variables the service takes its own
+    # platform defaults (micro-batching on, Prometheus metrics).
+    plain = {k: v for k, v in env.items() if not k.startswith("AWS_LAMBDA_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "handler.main"],
-        env={**env, "HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO"},
+        env={**plain, "HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO"},
         stdout=subprocess.DEVNULL,  # the per-request JSON lines
         stderr=subprocess.PIPE,
         text=True,
@@ -201,9 +204,7 @@ def measure(text: str, reps: int, *, uvicorn: bool) -> Json:
         "lambda": lambda_overhead(module.handler, engines[0], settings, text, reps),
     }
     if uvicorn:
-        # The server is not on Lambda, whatever this process pretends.
-        env = {k: v for k, v in os.environ.items() if k != "AWS_LAMBDA_FUNCTION_NAME"}
-        out["uvicorn"] = uvicorn_overhead(engines[0], settings, text, reps, env)
+        out["uvicorn"] = uvicorn_overhead(engines[0], settings, text, reps, dict(os.environ))
     return out
 
 
