@@ -117,8 +117,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Whatever does not need the models is done before waiting for them, beside the load: the
     # API keys (with a secret configured, boto3's import and a network call: 0.3-0.6 s measured
-    # here) and the metrics backend (importing prometheus-client or aws-lambda-powertools:
-    # 25-60 ms, which after the wait would add to the cold start).
+    # here) and the metrics backend (importing prometheus-client off Lambda: about 25 ms, which
+    # after the wait would add to the cold start).
     key_checker = KeyChecker.from_settings(settings)
     metrics = metrics_for(settings)
     registry, error = load_models(settings)

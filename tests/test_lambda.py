@@ -400,8 +400,8 @@ def test_api_keys_are_read_while_the_model_loads(
 def test_the_metrics_backend_is_built_while_the_model_loads(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Importing the metrics library (prometheus-client here, aws-lambda-powertools on Lambda)
-    overlaps the model load instead of following it: the load only finishes once it is built."""
+    """Importing the metrics library (prometheus-client) overlaps the model load instead of
+    following it: the load only finishes once it is built."""
     import threading
 
     import handler.engine as engine_pkg
