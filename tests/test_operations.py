@@ -304,6 +304,9 @@ def test_lambda_answers_504_before_the_invocation_runs_out() -> None:
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """The holding server on a free port. Its stderr is kept drained, and printed when the test
+    ends (pytest shows it when the test fails: what the server logged before a hang or a
+    refused connection)."""
     proc = subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "holding_server.py")],
         cwd=REPO_ROOT,
@@ -324,10 +327,16 @@ def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     for line in proc.stderr:
         if "serving on http://" in line:
             url = line.split("serving on ", 1)[1].split(" ", 1)[0]
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it drained
+            stream = proc.stderr
+            threading.Thread(target=_echo, args=(stream,), daemon=True).start()
             return proc, url
         assert time.monotonic() < deadline, "the server did not start"
     raise AssertionError(f"the server exited: {proc.wait()}")
+
+
+def _echo(stream: Any) -> None:
+    for line in stream:
+        print(f"[holding server] {line}", end="")
 
 
 def test_sigterm_finishes_what_it_can_answers_503_for_the_rest_and_exits_0() -> None:
