@@ -201,17 +201,16 @@ def listening_socket(config: Any) -> socket.socket:
     return sock
 
 
-def close_models(app: FastAPI, timeout_s: float) -> int:
+def close_models(app: FastAPI, timeout_s: float) -> None:
     """Stop the micro-batch workers, then the model threads. Shutdown withdrew the queued work,
     so each worker finishes at most the pass it is running, and the requests waiting on it
-    return. Returns how many model calls are still running (their threads are left behind)."""
+    return. Threads still inside a model call are left behind (serve() exits without them)."""
     service = app.state.service
     for engine in service.registry or ():
         close = getattr(engine, "close", None)
         if callable(close):
             close(timeout_s)
-    running: int = service.threads.close(timeout_s)
-    return running
+    service.threads.close(timeout_s)
 
 
 def graceful_server(config: Any, drain: Any, grace_s: float) -> Any:

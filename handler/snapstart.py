@@ -101,7 +101,7 @@ class SnapStartHooks:
         if not self.settings.warmup:
             # WARMUP=false skips it at load; a snapshot is the one place where it costs nobody.
             for engine in engines:
-                warm(engine)
+                engine.warm_up()
         routes = self.warm_routes() if self.handler is not None else "not warmed (no handler)"
         log.info(
             "snapshot: %d model(s) loaded and warmed (%s), routes %s, in %.0f ms",
@@ -245,24 +245,15 @@ class _ConfiguredSession:
         return self._session.client(service_name, config=self._config)
 
 
-def warm(engine: Engine) -> None:
-    engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
-
-
 def rebuild_session(engine: Engine, model_dir: Path, threads: int) -> float:
     """Give the engine a session with `threads` intra-op threads, warmed; milliseconds taken.
     Restore hooks run before the environment takes any invocation, so nothing is mid-run."""
-    from handler.engine.session import create_session
+    from handler.engine.engine import artifact_session
 
     start = time.perf_counter()
-    session = create_session(
-        model_dir / engine.manifest.onnx_file,
-        device=engine.config.device,
-        threads=threads,
-        optimized=engine.manifest.onnx.optimized,
-    )
+    session = artifact_session(model_dir, engine.manifest, engine.config.device, threads)
     engine.session, engine.threads = session, threads
-    warm(engine)
+    engine.warm_up()
     return _ms_since(start)
 
 

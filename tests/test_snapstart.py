@@ -276,7 +276,7 @@ def test_threads_are_re_derived_and_the_session_rebuilt_when_they_differ(
 def test_a_failed_rebuild_keeps_the_snapshots_session(
     lambda_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import handler.engine.session as session_module
+    import handler.engine.engine as engine_module
 
     entry = init_container(lambda_env)
     run_before_snapshot()
@@ -288,7 +288,7 @@ def test_a_failed_rebuild_keeps_the_snapshots_session(
 
     cores = set(range(threads + 1))
     lambda_env.setattr(os, "sched_getaffinity", lambda pid: cores)
-    lambda_env.setattr(session_module, "create_session", no_memory)
+    lambda_env.setattr(engine_module, "artifact_session", no_memory)
     with caplog.at_level(logging.WARNING, logger="handler.snapstart"):
         resume(snapshot_generators())
 

@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from handler.api.body import WEIGHT_MAX
+from handler.engine.types import HEADS
 
 
 class ErrorDetail(BaseModel):
@@ -120,9 +121,6 @@ def _not_all_off(switches: dict[str, bool]) -> dict[str, Any]:
 # max_length counts <s> and </s>: below 3 no token of the text fits, and the engine says so.
 MIN_MAX_LENGTH = 3
 
-# The score components in the order of `weights` (handler/engine/scoring.py).
-COMPONENTS = ("dense", "sparse", "colbert")
-
 
 def _caseless(word: str) -> str:
     return "".join(f"[{c.upper()}{c}]" for c in word)
@@ -164,7 +162,7 @@ def _rerank_rules(schema: dict[str, Any], limit: int, field: str, documents: boo
     document = {"$ref": "#/components/schemas/RerankDocument"}
     items: dict[str, Any] = {"anyOf": [text, document]} if documents else text
     props[field].update(items=items, minItems=1, maxItems=limit)
-    sets = [c for n in range(1, 4) for c in itertools.combinations(COMPONENTS, n)]
+    sets = [c for n in range(1, 4) for c in itertools.combinations(HEADS, n)]
     for branch in props["mode"].get("anyOf", []):
         if branch.get("type") == "string":
             branch["pattern"] = _mode_pattern(sets)
@@ -177,7 +175,7 @@ def _rerank_rules(schema: dict[str, Any], limit: int, field: str, documents: boo
                 "properties": {
                     "mode": {
                         "type": "string",
-                        "pattern": _mode_pattern([tuple(COMPONENTS[i] for i in pair)]),
+                        "pattern": _mode_pattern([tuple(HEADS[i] for i in pair)]),
                     }
                 },
             },

@@ -46,7 +46,7 @@ from handler.batch.job import (
 )
 from handler.batch.parts import EXTENSIONS, Heads, OutputFormat, write_part
 from handler.batch.rows import Fields, Row, format_of, read_rows, row_from_record
-from handler.engine.types import EmbeddingEngine
+from handler.engine.types import HEADS, EmbeddingEngine
 from handler.settings import Settings
 
 # Writing and uploading the part, and returning, must fit in what is left after the last chunk.
@@ -99,9 +99,6 @@ def parse_batch_input(given: Mapping[str, Any]) -> WorkerInput:
     )
     bucket = batch.get("input_bucket")
     return WorkerInput(where, str(bucket) if bucket else None, options)
-
-
-HEADS = ("dense", "sparse", "colbert")
 
 
 def _optional_int(batch: Mapping[str, Any], name: str) -> int | None:

@@ -33,6 +33,7 @@ from handler.engine.session import (
 )
 from handler.engine.tokenizer import TextTokenizer, TokenBatch
 from handler.engine.types import (
+    HEADS,
     Capabilities,
     Encoded,
     FloatArray,
@@ -42,8 +43,6 @@ from handler.engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-HEADS = ("dense", "sparse", "colbert")
 
 
 @dataclass(frozen=True)
@@ -124,9 +123,8 @@ class Engine(scoring.PairScoring):
                 manifest.model_id,
             )
         if config.warmup:
-            # The first run of a shape plans memory; pay it at load, not in the first request.
             t = time.perf_counter()
-            engine.encode(["warm-up"], **{h: True for h in engine.available_heads})
+            engine.warm_up()
             timings["warmup"] = _ms_since(t)
         if config.cache_size > 0:  # after the warm-up, which is no one's input
             engine.cache = EmbedCache(config.cache_size, manifest.fingerprint)
@@ -152,6 +150,11 @@ class Engine(scoring.PairScoring):
     @property
     def available_heads(self) -> tuple[str, ...]:
         return tuple(h for h in HEADS if h in self.manifest.output_names)
+
+    def warm_up(self) -> None:
+        """One run with every head: the first run of a shape plans memory, so it is paid here
+        (at load, or before a SnapStart snapshot) and not by the first request."""
+        self.encode(["warm-up"], **{h: True for h in self.available_heads})
 
     @property
     def embedding_ranges(self) -> Ranges | None:
@@ -393,17 +396,25 @@ class Engine(scoring.PairScoring):
         )
 
 
+def artifact_session(model_dir: Path, manifest: Manifest, device: Device, threads: int) -> Any:
+    """A session for the artifact's graph, as its manifest says to build it (a graph optimized
+    at build time loads without optimizing again): at load, and again after a SnapStart restore."""
+    return create_session(
+        model_dir / manifest.onnx_file,
+        device=device,
+        threads=threads,
+        optimized=manifest.onnx.optimized,
+    )
+
+
 def _timed_session(
     model_dir: Path, manifest: Manifest, config: EngineConfig, threads: int
 ) -> tuple[Any, float]:
-    model_file = model_dir / manifest.onnx_file
     t = time.perf_counter()
     try:
-        session = create_session(
-            model_file, device=config.device, threads=threads, optimized=manifest.onnx.optimized
-        )
+        session = artifact_session(model_dir, manifest, config.device, threads)
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelLoadError(f"{model_file}: cannot be loaded ({exc})") from exc
+        raise ModelLoadError(f"{model_dir / manifest.onnx_file}: cannot be loaded ({exc})") from exc
     return session, _ms_since(t)
 
 

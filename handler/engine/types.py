@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 FloatArray = NDArray[np.float32]
 
-# Order of the hybrid score weights everywhere: FlagEmbedding's compute_score order.
+# BGE-M3's three outputs, in the order the hybrid score weights follow everywhere (FlagEmbedding's
+# compute_score order).
+HEADS: tuple[str, str, str] = ("dense", "sparse", "colbert")
 DEFAULT_SCORE_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)  # dense, sparse, colbert
 
 
