@@ -22,30 +22,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from handler.settings import Settings
+from handler.settings import Settings, engine_config
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from handler.engine import EngineConfig
     from handler.engine.types import ModelRegistry
 
 log = logging.getLogger("handler.main")
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's part of the settings, platform defaults included."""
-    from handler.engine import EngineConfig
-
-    return EngineConfig(
-        threads=settings.threads,
-        cpu_limit=settings.cpu_limit,
-        batch_token_budget=settings.batch_token_budget,
-        verify=settings.model_verify,
-        device=settings.device,
-        warmup=settings.warmup,
-        cache_size=settings.embed_cache_size,
-    )
 
 
 @functools.cache

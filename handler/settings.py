@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from handler.engine import EngineConfig
 
 # Lambda's synchronous invoke payload limit (request and response, each): 6 MB.
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024
@@ -292,3 +295,23 @@ def _aws_reason(exc: Exception) -> str:
     if isinstance(exc, ValueError):
         return str(exc)
     return type(exc).__name__
+
+
+def engine_config(
+    settings: Settings, *, job: bool = False, device: Literal["cpu", "cuda"] | None = None
+) -> EngineConfig:
+    """The engine's part of the settings, platform defaults included. A corpus job's engine
+    (`job=True`) runs JOB_BATCH_TOKEN_BUDGET (its passes are always full, so that budget sets its
+    peak memory), without the warm-up (its first batch is one) and without the embedding cache
+    (a job drops its own duplicates). `device` overrides DEVICE (the job CLI's --device)."""
+    from handler.engine import EngineConfig  # numpy and onnxruntime: not at settings' import
+
+    return EngineConfig(
+        threads=settings.threads,
+        cpu_limit=settings.cpu_limit,
+        batch_token_budget=settings.job_batch_token_budget if job else settings.batch_token_budget,
+        verify=settings.model_verify,
+        device=device or settings.device,
+        warmup=False if job else settings.warmup,
+        cache_size=0 if job else settings.embed_cache_size,
+    )

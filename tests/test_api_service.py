@@ -461,7 +461,7 @@ def test_platform_defaults_come_from_the_settings(monkeypatch: pytest.MonkeyPatc
 
 def test_engine_config_is_the_engines_part_of_the_settings() -> None:
     from handler.engine import EngineConfig
-    from handler.main import engine_config
+    from handler.settings import engine_config
 
     s = settings(
         threads=3,
@@ -473,6 +473,18 @@ def test_engine_config_is_the_engines_part_of_the_settings() -> None:
     )
     assert engine_config(s) == EngineConfig(
         threads=3, cpu_limit=2, batch_token_budget=4096, verify="size", device="cuda", warmup=False
+    )
+    # A corpus job's engine: the same threads and device, its own token budget, no warm-up and
+    # no embedding cache; the job CLI's --device beats DEVICE.
+    job = engine_config(s, job=True, device="cpu")
+    assert job == EngineConfig(
+        threads=3,
+        cpu_limit=2,
+        batch_token_budget=s.job_batch_token_budget,
+        verify="size",
+        device="cpu",
+        warmup=False,
+        cache_size=0,
     )
 
 

@@ -29,7 +29,7 @@ from handler.batch.locations import parse_location
 from handler.batch.parts import Heads
 from handler.batch.rows import Fields
 from handler.engine.types import EmbeddingEngine
-from handler.settings import Settings
+from handler.settings import Settings, engine_config
 
 log = logging.getLogger("handler.batch")
 
@@ -86,18 +86,12 @@ def options_from(args: argparse.Namespace) -> JobOptions:
 
 
 def load_engine(settings: Settings, model_path: str | None, device: str | None) -> EmbeddingEngine:
-    from handler.engine import Engine, EngineConfig
+    from handler.engine import Engine
 
     paths = [Path(model_path)] if model_path else list(settings.model_paths)
     if not paths:
         raise JobError("no model: set MODEL_PATH or pass --model-path")
-    config = EngineConfig(
-        threads=settings.threads,
-        batch_token_budget=settings.job_batch_token_budget,
-        verify=settings.model_verify,
-        device=device or settings.device,  # type: ignore[arg-type]  # argparse choices
-        warmup=False,
-    )
+    config = engine_config(settings, job=True, device=device)  # type: ignore[arg-type]  # argparse choices
     return Engine.load(paths[0], config)
 
 

@@ -47,7 +47,7 @@ from handler.batch.job import (
 from handler.batch.parts import EXTENSIONS, Heads, OutputFormat, write_part
 from handler.batch.rows import Fields, Row, format_of, read_rows, row_from_record
 from handler.engine.types import HEADS, EmbeddingEngine
-from handler.settings import Settings
+from handler.settings import Settings, engine_config
 
 # Writing and uploading the part, and returning, must fit in what is left after the last chunk.
 RESERVE_MS = 15_000
@@ -262,19 +262,12 @@ def process_batch(
 @functools.cache
 def engine_from_environment() -> EmbeddingEngine:
     """Loaded once per execution environment, on the first batch it serves."""
-    from handler.engine import Engine, EngineConfig
+    from handler.engine import Engine
 
     settings = Settings()
     if not settings.model_paths:
         raise RuntimeError("MODEL_PATH is not set")
-    config = EngineConfig(
-        threads=settings.threads,
-        batch_token_budget=settings.job_batch_token_budget,
-        verify=settings.model_verify,
-        device=settings.device,
-        warmup=False,
-    )
-    return Engine.load(settings.model_paths[0], config)
+    return Engine.load(settings.model_paths[0], engine_config(settings, job=True))
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
