@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,19 @@ from handler.engine.types import (
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIALS = {BOS, PAD, EOS, UNK}
+
+
+T = TypeVar("T")
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """`coroutine` on an event loop of its own. Not asyncio.run: it leaves the main thread with
+    no current event loop, and Mangum (the Lambda tests that run later) asks for one."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
 
 
 def _unit(seed_bytes: bytes, shape: tuple[int, ...]) -> FloatArray:

@@ -7,24 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+
+from fakes import run_coroutine
 
 from handler.model_threads import ModelThreads
 
 HANG_GUARD_S = 60
 REQUEST = contextvars.ContextVar[str]("REQUEST")
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """`coroutine` on an event loop of its own. Not asyncio.run: it leaves the main thread with
-    no current event loop, and Mangum (the Lambda tests that run later) asks for one."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 def test_a_call_runs_on_a_pool_thread_in_the_callers_context() -> None:
@@ -35,7 +24,7 @@ def test_a_call_runs_on_a_pool_thread_in_the_callers_context() -> None:
         return await threads.run(lambda: (REQUEST.get(), threading.current_thread()))
 
     try:
-        value, thread = run(call())
+        value, thread = run_coroutine(call())
         assert value == "r1"
         assert thread is not threading.current_thread() and thread.name.startswith("model-call")
     finally:
@@ -67,4 +56,4 @@ def test_close_ends_the_idle_threads_and_leaves_a_running_call_to_finish() -> No
         running.join(HANG_GUARD_S)
         assert not running.is_alive()
 
-    run(scenario())
+    run_coroutine(scenario())

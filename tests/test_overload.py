@@ -6,10 +6,10 @@ still stops cleanly afterwards. The figures (p99, RSS) are the bench's: `python 
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
+from fakes import run_coroutine
 
 from bench.load import open_loop, start_server
 
@@ -22,7 +22,7 @@ DURATION_S = 2.0
 def test_open_loop_overload_is_answered_with_200_or_429_and_nothing_else(tiny_int8: Path) -> None:
     server = start_server(tiny_int8, {"MAX_CONCURRENT_REQUESTS": "1", "RETRY_AFTER_SECONDS": "2"})
     try:
-        tally = asyncio.run(open_loop(server.url, RATE, DURATION_S))
+        tally = run_coroutine(open_loop(server.url, RATE, DURATION_S))
     finally:
         exit_code = server.stop()
     statuses = tally.statuses()
