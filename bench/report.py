@@ -215,6 +215,7 @@ def overhead_lines(engines: Json) -> list[str]:
                     f"{_ms(fig.get('wall_minus_stages_p50_ms'))} "
                     f"({_ms(fig.get('wall_minus_stages_p25_ms'))}-"
                     f"{_ms(fig.get('wall_minus_stages_p75_ms'))})",
+                    _ms(fig.get("main_thread_cpu_p50_ms")),
                 ]
             )
     if not rows:
@@ -224,11 +225,22 @@ def overhead_lines(engines: Json) -> list[str]:
         "",
         "Each host's request alternated with the engine's own call with the route's options, in "
         "one process; `wall - stages` is each response's time minus the stages its own `x-*-time` "
-        "headers report (tokenize, queue, infer, post), p50 (p25-p75).",
+        "headers report (tokenize, queue, infer, post), p50 (p25-p75); `calling thread CPU` is "
+        "the CPU time of the thread that called the handler (Lambda only: the adapter, event "
+        "loop, middleware and routing, not the model thread), p50.",
         "",
     ]
     lines += _table(
-        ["engine", "host", "requests", "host p50", "engine p50", "difference", "wall - stages"],
+        [
+            "engine",
+            "host",
+            "requests",
+            "host p50",
+            "engine p50",
+            "difference",
+            "wall - stages",
+            "calling thread CPU",
+        ],
         rows,
     )
     return lines

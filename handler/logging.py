@@ -15,7 +15,6 @@ in the spirit of TEI's `x-inference-time`.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -24,6 +23,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from handler.errors import Dialect
 
@@ -132,12 +133,19 @@ def timing_headers(record: RequestRecord, total_ms: float) -> list[tuple[bytes, 
     return headers
 
 
+def json_line(payload: Mapping[str, Any]) -> str:
+    """A log line's JSON, written by orjson (compact, UTF-8 as it is): about a tenth of the
+    json module's time, which a request pays twice (this line and the metrics document).
+    Anything orjson does not know is written as its str()."""
+    return orjson.dumps(payload, default=str).decode()
+
+
 class _JsonLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = getattr(record, "payload", None)
         if isinstance(payload, dict):
-            return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        return json.dumps({"severity": record.levelname, "message": record.getMessage()})
+            return json_line(payload)
+        return json_line({"severity": record.levelname, "message": record.getMessage()})
 
 
 def request_logger() -> logging.Logger:

@@ -13,11 +13,10 @@ the raw path), dialect, status, error code. Request ids and model names never be
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Protocol
 
-from handler.logging import RequestRecord
+from handler.logging import RequestRecord, json_line
 from handler.settings import Settings
 
 # The engine's stages, in the order a request goes through them.
@@ -151,7 +150,7 @@ class EmfMetrics:
 
     def request(self, record: RequestRecord, total_ms: float) -> None:
         # stdout: where Lambda sends a function's output to CloudWatch Logs.
-        print(json.dumps(self.document(record, total_ms), separators=(",", ":")))
+        print(json_line(self.document(record, total_ms)))
 
     def document(self, record: RequestRecord, total_ms: float) -> dict[str, Any]:
         dimensions = [["service"], ["service", "Route", "Dialect", "Status"]]

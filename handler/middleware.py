@@ -208,7 +208,11 @@ class ServiceMiddleware:
         """Run the app as a task, and answer for it if it misses the deadline or the end of the
         shutdown grace period."""
         cancellation = cancel.Cancellation()
-        body = _Body(receive, self.settings.max_request_bytes, cancellation, reply)
+        # Under Mangum (Lambda) the client cannot go away mid-request: the invocation's event is
+        # the whole request, and the only message after the body is the disconnect Mangum sends
+        # once the answer is complete. Listening for it would cost a task per request for nothing.
+        listen = "aws.event" not in scope
+        body = _Body(receive, self.settings.max_request_bytes, cancellation, reply, listen=listen)
         if counted:
             self._count(+1)
         token = cancel.CURRENT.set(cancellation)  # the task's context (and its threads) copy it
@@ -284,9 +288,16 @@ class _Body:
     listens for the client going away (the app itself does not read again until it answers)."""
 
     def __init__(
-        self, receive: Receive, limit: int, cancellation: cancel.Cancellation, reply: _Reply
+        self,
+        receive: Receive,
+        limit: int,
+        cancellation: cancel.Cancellation,
+        reply: _Reply,
+        *,
+        listen: bool = True,
     ):
         self._receive = receive
+        self._listen_after_body = listen
         self._limit = limit
         self._cancellation = cancellation
         self._reply = reply
@@ -307,7 +318,7 @@ class _Body:
             self._seen += len(message.get("body", b""))
             if self._seen > self._limit:
                 raise _too_large(self._limit)
-            if not message.get("more_body", False):
+            if not message.get("more_body", False) and self._listen_after_body:
                 self._listener = asyncio.ensure_future(self._listen())
         elif kind == "http.disconnect":
             self._gone()

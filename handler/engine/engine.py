@@ -7,6 +7,7 @@ container and shared by every request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -147,8 +148,9 @@ class Engine(scoring.PairScoring):
 
     # ---- description -------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def available_heads(self) -> tuple[str, ...]:
+        # Cached: the manifest is fixed for the engine's life, and every request asks.
         return tuple(h for h in HEADS if h in self.manifest.output_names)
 
     def warm_up(self) -> None:
@@ -160,8 +162,10 @@ class Engine(scoring.PairScoring):
     def embedding_ranges(self) -> Ranges | None:
         return Ranges.from_manifest(self.manifest.embedding_ranges, self.manifest.dims)
 
-    @property
+    @functools.cached_property
     def info(self) -> ModelInfo:
+        # Cached: every request reads it, and nothing in it changes after the load (a session
+        # rebuilt after a SnapStart restore is on the same device).
         source = self.manifest.source
         heads_ = self.available_heads
         return ModelInfo(

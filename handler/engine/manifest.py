@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,11 +324,12 @@ class Manifest:
     def int8_weights(self) -> Int8Weights | None:
         return self.quantization.int8_weights if self.quantization else None
 
-    @property
+    # Cached: a manifest never changes once read, and the engine asks on every request.
+    @cached_property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
 
-    @property
+    @cached_property
     def input_names(self) -> tuple[str, ...]:
         return tuple(i.name for i in self.inputs)
 
