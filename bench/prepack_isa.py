@@ -4,6 +4,7 @@ packed them?
     python -m bench.prepack_isa save MODEL_DIR OUT_DIR     # pack here, save graph + blobs
     python -m bench.prepack_isa compare MODEL_DIR OUT_DIR  # on the CPU under test
     python -m bench.prepack_isa time MODEL_DIR OUT_DIR     # what the saved graphs save at start
+    python -m bench.prepack_isa corrupt OUT_DIR BAD_DIR    # a copy whose int8 blobs are damaged
 
 `save` writes OUT_DIR/prepacked.onnx with `session.save_external_prepacked_constant_initializers`
 (the packed MLAS blobs go to its external data file) and OUT_DIR/extended.onnx, optimized at
@@ -13,12 +14,18 @@ off (blobs from the CPU that saved them), and prints the largest difference of e
 `compare` under `qemu-x86_64 -cpu MODEL` to stand in for another CPU: MLAS picks its kernels and
 their packed layout from CPUID, which qemu reports for the model it emulates. `time` starts each
 graph in fresh processes, in turn, and reports session creation and RSS.
+
+`corrupt` copies OUT_DIR to BAD_DIR with the first 256 bytes of every `MatMulIntegerToFloat` blob
+flipped, and reports the blobs' sizes (the packed layout shows in them: 1152 bytes per tiny-fixture
+weight packed for AVX2 or AVX-512, 2176 for AMX). `compare` on BAD_DIR tells whether a CPU uses the
+blobs it finds: a damaged blob that is used moves the outputs; one that is not leaves them equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +155,35 @@ def compare(model_dir: Path, out: Path) -> dict[str, Any]:
     return result
 
 
+def int8_blobs(graph: Path) -> list[tuple[int, int]]:
+    """(offset, size) of each `MatMulIntegerToFloat` pre-packed blob the saved graph names."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    found = []
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key.startswith("prepacked") and entry.value.startswith("MatMulIntegerToFloat"):
+                # key|offset;size;checksum
+                offset, size, _ = entry.value.split("|")[1].split(";")
+                found.append((int(offset), int(size)))
+    return found
+
+
+def corrupt(out: Path, bad: Path) -> dict[str, Any]:
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(out, bad)
+    blobs = int8_blobs(bad / SAVED)
+    data_file = bad / (SAVED + "_data")
+    data = bytearray(data_file.read_bytes())
+    for offset, size in blobs:
+        for i in range(offset, offset + min(256, size)):
+            data[i] ^= 0x5A
+    data_file.write_bytes(bytes(data))
+    sizes = sorted({size for _, size in blobs})
+    return {"corrupted_blobs": len(blobs), "blob_sizes": sizes}
+
+
 def cpu_flags() -> list[str]:
     """The features CPUID reports to this process (numpy's own probe; /proc/cpuinfo would show the
     host's even under qemu)."""
@@ -161,7 +197,7 @@ def cpu_flags() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("save", "compare", "time", "time-one"))
+    parser.add_argument("action", choices=("save", "compare", "time", "time-one", "corrupt"))
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out")
     parser.add_argument("--rounds", type=int, default=3)
@@ -172,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "save":
         save(args.model_dir, Path(args.out))
         print(json.dumps({"saved": [SAVED, EXTENDED]}))
+    elif args.action == "corrupt":  # model_dir is a `save` output here
+        print(json.dumps(corrupt(args.model_dir, Path(args.out))))
     elif args.action == "time":
         print(json.dumps(time_all(args.model_dir, Path(args.out), args.rounds), indent=1))
     else:

@@ -48,6 +48,21 @@ def test_saved_graphs_give_the_artifacts_outputs_on_the_cpu_that_saved_them(
         assert all(d == 0.0 for d in result[graph].values())
 
 
+def test_damaged_blobs_move_the_outputs_on_the_cpu_that_packed_them(
+    tiny_int8: Path, tmp_path: Path
+) -> None:
+    # The probe behind the cross-CPU table: on the CPU that packed them the blobs are used as they
+    # are (onnxruntime checks their key, not their bytes), so damaged ones must show.
+    saved, bad = tmp_path / "saved", tmp_path / "bad"
+    run("bench.prepack_isa", "save", str(tiny_int8), str(saved))
+    damage = json.loads(run("bench.prepack_isa", "corrupt", str(saved), str(bad)))
+    assert damage["corrupted_blobs"] > 0 and all(n > 0 for n in damage["blob_sizes"])
+    result = json.loads(run("bench.prepack_isa", "compare", str(tiny_int8), str(bad)))
+
+    assert max(result["prepacked.onnx"].values()) > 0.0
+    assert all(d == 0.0 for d in result["extended.onnx"].values())  # no blobs: untouched
+
+
 def test_the_build_optimized_graph_bench_times_each_variant_on_the_same_outputs(
     tiny_int8: Path, tmp_path: Path
 ) -> None:
