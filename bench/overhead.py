@@ -11,7 +11,7 @@ its own `x-*-time` headers report (tokenize, queue, infer, post), whose median i
 difference of medians. For Lambda also the calling thread's own CPU time per handler call (the
 adapter, the event loop, the middleware and FastAPI; the route itself runs on a model thread).
 
-    python -m bench.overhead MODEL_DIR [--reps 300] [--no-uvicorn] --out FILE
+    python -m bench.overhead MODEL_DIR [--reps 300] [--no-uvicorn] [--back-to-back] --out FILE
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def summary(handler: list[float], engine: list[float], residual: list[float]) ->
     }
 
 
-def lambda_overhead(handler: Any, engine: Any, settings: Any, text: str, reps: int) -> Json:
-    """Handler and engine, alternately, `reps` times each (after a warm-up of both)."""
+def lambda_overhead(
+    handler: Any, engine: Any, settings: Any, text: str, reps: int, *, alternate: bool = True
+) -> Json:
+    """Handler and engine, alternately, `reps` times each (after a warm-up of both). With
+    `alternate` off, the handler calls run back to back and the engine calls after them: each
+    handler call then follows its predecessor's forward pass only, not an extra one."""
     direct = direct_call(engine, text, settings)
     context = LambdaContext()
     event = lambda_event([text])
@@ -100,11 +104,17 @@ def lambda_overhead(handler: Any, engine: Any, settings: Any, text: str, reps: i
             raise RuntimeError(f"the Lambda handler answered {response.get('statusCode')}")
         handler_ms.append(wall)
         residual.append(wall - stages_ms(response.get("headers") or {}))
+        if alternate:
+            t = time.perf_counter()
+            direct()
+            engine_ms.append(ms_since(t))
+    while len(engine_ms) < reps:
         t = time.perf_counter()
         direct()
         engine_ms.append(ms_since(t))
     return {
         "path": "Lambda handler (Function URL event) -> POST /v1/embeddings, dense only",
+        "alternating": alternate,
         **summary(handler_ms, engine_ms, residual),
         # The CPU time of the calling thread alone: Mangum, the event loop, the middleware and
         # FastAPI's routing, not the model thread. Less disturbed by the machine than wall time.
@@ -194,7 +204,7 @@ def uvicorn_overhead(
     }
 
 
-def measure(text: str, reps: int, *, uvicorn: bool) -> Json:
+def measure(text: str, reps: int, *, uvicorn: bool, alternate: bool = True) -> Json:
     """Both figures, in this process (its environment names the model: MODEL_PATH)."""
     import importlib
 
@@ -207,7 +217,9 @@ def measure(text: str, reps: int, *, uvicorn: bool) -> Json:
     if not engines:
         raise RuntimeError("no handler.engine.Engine loaded")
     out: Json = {
-        "lambda": lambda_overhead(module.handler, engines[0], settings, text, reps),
+        "lambda": lambda_overhead(
+            module.handler, engines[0], settings, text, reps, alternate=alternate
+        ),
     }
     if uvicorn:
         out["uvicorn"] = uvicorn_overhead(engines[0], settings, text, reps, dict(os.environ))
@@ -226,13 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--no-uvicorn", action="store_true")
     parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="Lambda: the handler calls one after another, the engine calls after them",
+    )
+    parser.add_argument(
         "--out", type=Path, required=True, help="the JSON figures (stdout has the request logs)"
     )
     args = parser.parse_args(argv)
     os.environ["MODEL_PATH"] = str(args.model)
     os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", "bge-m3-bench")
     os.environ.setdefault("MODEL_VERIFY", "size")
-    result = measure(nine_tokens(args.model), args.reps, uvicorn=not args.no_uvicorn)
+    result = measure(
+        nine_tokens(args.model),
+        args.reps,
+        uvicorn=not args.no_uvicorn,
+        alternate=not args.back_to_back,
+    )
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

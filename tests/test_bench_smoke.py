@@ -180,3 +180,19 @@ def test_an_interrupted_run_stops_its_worker_and_keeps_the_last_results(
     assert sorted(p.name for p in out.iterdir()) == ["latest.json"]
     assert json.loads((out / "latest.json").read_text()) == {"earlier": "complete run"}
     assert _workers_under(smoke_work) == []
+
+
+def test_the_overhead_probe_runs_back_to_back_as_the_docs_say(
+    tiny_int8: Path, tmp_path: Path
+) -> None:
+    # docs/overhead.md's back-to-back figures: the handler calls one after another, the engine's
+    # after them, every figure still there (the calling thread's CPU included).
+    out = tmp_path / "overhead.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.overhead", str(tiny_int8), "--reps", "5", "--no-uvicorn",
+         "--back-to-back", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    fig = json.loads(out.read_text())["lambda"]
+    assert fig["alternating"] is False and fig["n"] == 5
+    assert fig["engine_p50_ms"] > 0 and fig["main_thread_cpu_p50_ms"] > 0
