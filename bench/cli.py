@@ -37,6 +37,7 @@ from pathlib import Path
 
 from bench import concurrency, image_start, report
 from bench.common import (
+    LAMBDA_ENV,
     REPO_ROOT,
     STOP,
     Json,
@@ -59,9 +60,6 @@ ENGINES: dict[str, str] = {
     "lite-int8": "bge-m3-lite int8",
     "flagembedding": "FlagEmbedding fp32",
 }
-# What Lambda sets in a function's environment, as far as the service reads it: the platform
-# (its defaults: no micro-batching, EMF metrics) and the vCPUs its memory buys.
-LAMBDA_ENV = {"AWS_LAMBDA_FUNCTION_NAME": "bge-m3-bench", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096"}
 KIND = {"ours": "ours", "ort": "ort", "lite": "lite", "flagembedding": "flagembedding"}
 # Engines that run only on the full-size model, left out of smoke runs, with the reason.
 FULL_ONLY = {

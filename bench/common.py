@@ -40,6 +40,9 @@ Json = dict[str, Any]
 # bench.prep), the callers start no new one (bench.cli.run_engine, Prep._cached_or_run), and no
 # result file is written, so an interrupted run never replaces the last complete one.
 STOP = threading.Event()
+# What Lambda sets in a function's environment, as far as the service reads it: the platform
+# (its defaults: no micro-batching, EMF metrics) and the vCPUs its memory buys.
+LAMBDA_ENV = {"AWS_LAMBDA_FUNCTION_NAME": "bge-m3-bench", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096"}
 # The cold start's split as bench.worker's start_ours reports it (milliseconds).
 COLD_SPLIT_MS = (
     "interpreter_ms",

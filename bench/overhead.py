@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.common import Json, ms_since, percentile
+from bench.common import LAMBDA_ENV, Json, ms_since, percentile
 from bench.worker import LambdaContext, lambda_event
 
 # The engine's own stages; x-total-time is the middleware's whole request and is not one.
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ["MODEL_PATH"] = str(args.model)
-    os.environ.setdefault("AWS_LAMBDA_FUNCTION_NAME", "bge-m3-bench")
+    for name, value in LAMBDA_ENV.items():  # the same Lambda environment as the bench's worker
+        os.environ.setdefault(name, value)
     os.environ.setdefault("MODEL_VERIFY", "size")
     result = measure(
         nine_tokens(args.model),

@@ -53,13 +53,13 @@ def x86_without_vnni(cpuinfo: str | None = None) -> bool:
 def providers_for(device: Device) -> list[str]:
     if device == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return ["CUDAExecutionProvider", CPU_PROVIDER]
         log.warning(
             "DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
             "(available: %s); falling back to CPU",
             ", ".join(ort.get_available_providers()),
         )
-    return ["CPUExecutionProvider"]
+    return [CPU_PROVIDER]
 
 
 def create_session(
