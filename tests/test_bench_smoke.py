@@ -196,3 +196,27 @@ def test_the_overhead_probe_runs_back_to_back_as_the_docs_say(
     fig = json.loads(out.read_text())["lambda"]
     assert fig["alternating"] is False and fig["n"] == 5
     assert fig["engine_p50_ms"] > 0 and fig["main_thread_cpu_p50_ms"] > 0
+
+
+def test_the_overhead_split_reads_every_boundary_of_a_request(
+    tiny_int8: Path, tmp_path: Path
+) -> None:
+    # docs/overhead.md's split: every boundary the probe wraps is crossed by a real handler call
+    # (a renamed function or a path that skips one fails here), and the segments of each request
+    # add up to its wall time minus its stages, so the p50 of the sums is bench.overhead's figure.
+    out = tmp_path / "split.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.overhead_split", str(tiny_int8), "--reps", "5",
+         "--alternate", "--evict-mb", "1", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    from bench.overhead_split import SEGMENTS
+
+    fig = json.loads(out.read_text())
+    assert fig["n"] == 5 and fig["alternating"] is True and fig["evict_mib"] == 1
+    assert list(fig["segments_p50_us"]) == list(SEGMENTS)
+    assert fig["wall_minus_stages_p50_us"] > 0
+    # Clock readings in order: only the engine's segment has its stages taken out.
+    assert all(
+        us >= 0 for name, us in fig["segments_p50_us"].items() if name != "engine -> engine_done"
+    )
