@@ -1,8 +1,8 @@
 """Micro-batching (handler/engine/microbatch.py) on the real engine with the tiny BGE-M3 build.
 
-No test relies on timing for its verdict: merging is forced by holding the worker inside its first
-pass (a gate around Engine.run_ids) until the other jobs are queued; every wait is only a bounded
-guard against a hang.
+No test relies on timing for its verdict: merging is forced by holding the first pass (a gate
+around Engine.run_ids; with wait_ms 0 a request that finds the model idle runs that pass on its own
+thread) until the other jobs are queued; every wait is only a bounded guard against a hang.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class Gate:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.rows: list[int] = []
+        self.threads: list[str] = []  # the thread each pass ran on
         self.fail_pass = fail_pass
 
     def __call__(self, ids: list[list[int]], *heads: bool, tokenize_ms: float = 0.0) -> Encoded:
         self.rows.append(len(ids))
+        self.threads.append(threading.current_thread().name)
         if len(self.rows) == 1:
             self.entered.set()
             assert self.release.wait(HANG_GUARD_S), "the test never released the gate"
@@ -95,7 +97,7 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 def hold_first_pass(pool: ThreadPoolExecutor, gate: Gate, first: Callable[[], Any]) -> Future[Any]:
-    """Start `first` and return once the worker is inside its pass (held by the gate)."""
+    """Start `first` and return once its pass has begun (held by the gate)."""
     future = pool.submit(first)
     assert gate.entered.wait(HANG_GUARD_S)
     return future
@@ -155,8 +157,11 @@ def test_merged_jobs_run_in_one_pass_with_their_own_results(
         wait_until(lambda: batcher.queued == len(rest))
         gate.release.set()
         got = [first.result(), *(f.result() for f in rest)]
-    # THEN the first job ran alone and the eight queued behind it shared the second pass
+    # THEN the first job ran alone, on its caller's thread (the model was idle), and the eight
+    # queued behind it shared the second pass, on the worker, once the first was over
     assert gate.rows == [len(jobs[0]["texts"]), sum(len(j["texts"]) for j in jobs[1:])]
+    assert gate.threads[0].startswith("ThreadPoolExecutor")
+    assert gate.threads[1].startswith("microbatch-")
     assert batcher.passes == 2
     assert [g.batched_with for g in got] == [0] + [len(rest) - 1] * len(rest)
     for job, g, w in zip(jobs, got, want, strict=True):
@@ -193,6 +198,23 @@ def test_score_and_token_ids_go_through_the_batcher(engine: Engine, batcher: Mic
     got_ids = batcher.encode_ids(ids, sparse=True)
     assert_same(got_ids, engine.encode_ids(ids, sparse=True), {"dense": True, "sparse": True})
     assert batcher.passes == 2
+
+
+def test_a_lone_request_runs_its_pass_on_its_own_thread(engine: Engine, gate: Gate) -> None:
+    # WHEN a request finds the model idle (nothing queued, no pass running, wait_ms 0)
+    gate.release.set()
+    batcher = MicroBatcher(engine)
+    try:
+        got = batcher.encode(TEXTS[:2], sparse=True, max_length=MAX_LENGTH)
+        # THEN its pass ran on the caller's thread, no worker was started for it, and its
+        # result and timings are those of a pass it had to itself
+        assert gate.threads == [threading.current_thread().name]
+        assert batcher._worker is None
+        assert got.batched_with == 0 and got.timings_ms["queue"] == 0.0
+        want = engine.encode(TEXTS[:2], sparse=True, max_length=MAX_LENGTH)
+        assert_same(got, want, {"dense": True, "sparse": True})
+    finally:
+        batcher.close(timeout=HANG_GUARD_S)
 
 
 def test_a_lone_request_with_wait_ms_is_joined_by_the_next(engine: Engine) -> None:
@@ -274,15 +296,17 @@ def test_a_dead_worker_answers_its_jobs_and_a_new_one_takes_over(
     real_share = microbatch_module._share
     crashes = iter([True])
 
-    def crashing_share(*args: Any) -> Encoded:
+    def crashing_share(*args: Any, **kwargs: Any) -> Encoded:
         if next(crashes, False):
             raise Crash
-        return real_share(*args)
+        return real_share(*args, **kwargs)
 
     gate = Gate(engine)
     monkeypatch.setattr(engine, "run_ids", gate)
     monkeypatch.setattr(microbatch_module, "_share", crashing_share)
-    batcher = MicroBatcher(engine, max_rows=1)  # one job per group
+    # One job per group; wait_ms > 0 sends every job through the worker (no lone pass on the
+    # caller's thread), and the row cap ends each group's wait at once.
+    batcher = MicroBatcher(engine, max_rows=1, wait_ms=HANG_GUARD_S * 1000)
     try:
         with ThreadPoolExecutor(2) as pool:
             first = hold_first_pass(pool, gate, lambda: batcher.encode(["a"]))
