@@ -46,7 +46,7 @@ class Health(BaseModel):
     response_model=None,
     responses={200: {"model": Health}, 503: {"model": Health}},
 )
-def health(request: Request) -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     return _health(request)
 
 
@@ -78,7 +78,7 @@ class Live(BaseModel):
     response_model=None,
     responses={200: {"model": Live}},
 )
-def live() -> JSONResponse:
+async def live() -> JSONResponse:
     # Nothing else is checked: a process without its model is not fixed by a restart loop, and
     # readiness already keeps traffic away from it.
     return JSONResponse({"status": "alive"})
@@ -93,7 +93,7 @@ def live() -> JSONResponse:
     response_model=None,
     responses={200: {"model": Health}, 503: {"model": Health}},
 )
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     return _health(request)
 
 
@@ -151,7 +151,7 @@ def describe(infos: list[ModelInfo], load_error: str | None) -> str:
 
 @router.head("/", summary="The same as GET, without a body (public)", response_model=None)
 @router.get("/", summary="What this service is (public)", response_model=None)
-def root(request: Request) -> JSONResponse:
+async def root(request: Request) -> JSONResponse:
     service = service_of(request)
     prefix = service.settings.route_prefix
     infos = [e.info for e in service.registry or ()]

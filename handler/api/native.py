@@ -261,7 +261,7 @@ def score(
     response_model=None,
     responses={200: {"model": NativeModelList}},
 )
-def list_models(request: Request) -> FastJSONResponse:
+async def list_models(request: Request) -> FastJSONResponse:
     registry = service_of(request).models()
     return FastJSONResponse({"object": "list", "data": [model_card(e.info) for e in registry]})
 
@@ -272,5 +272,5 @@ def list_models(request: Request) -> FastJSONResponse:
     response_model=None,
     responses={200: {"model": NativeModel}},
 )
-def get_model(request: Request, model_id: str) -> FastJSONResponse:
+async def get_model(request: Request, model_id: str) -> FastJSONResponse:
     return FastJSONResponse(model_card(service_of(request).find(model_id).info))

@@ -204,7 +204,7 @@ def create_embeddings(
     response_model=None,
     responses={200: {"model": OpenAIModelList}},
 )
-def list_models(request: Request) -> FastJSONResponse:
+async def list_models(request: Request) -> FastJSONResponse:
     registry = service_of(request).models()
     return FastJSONResponse(
         {"object": "list", "data": [model_card(engine.info) for engine in registry]}
@@ -217,5 +217,5 @@ def list_models(request: Request) -> FastJSONResponse:
     response_model=None,
     responses={200: {"model": OpenAIModel}},
 )
-def get_model(request: Request, model_id: str) -> FastJSONResponse:
+async def get_model(request: Request, model_id: str) -> FastJSONResponse:
     return FastJSONResponse(model_card(service_of(request).find(model_id).info))

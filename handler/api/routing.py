@@ -1,5 +1,11 @@
 """What a route gets from the app (its `Service` and its request record), and the mark that
-tells the app which routes run the model."""
+tells the app which routes run the model.
+
+Where a route runs: one that runs the model is a plain function marked `@compute` (the service's
+model threads); one that only reads the process's state (health, the model lists) is `async def`,
+on the event loop, since as a plain function FastAPI would run it on an anyio thread, which under
+Mangum is started and ended by every invocation; /metrics stays a plain function, because the
+collectors it runs must not hold the loop."""
 
 from __future__ import annotations
 
