@@ -4,7 +4,11 @@
   against the engine called directly with the options the route passes, alternately in one
   process, so that both see the same machine noise;
 - uvicorn: a real `python -m handler.main` on 127.0.0.1, one client on one keep-alive connection,
-  against the same direct engine calls in this process.
+  against the same direct engine calls in this process, made after the requests rather than
+  between them: the server and this process each run onnxruntime, whose intra-op threads spin
+  for a while after a pass, and alternating the two on the same cores made each one's pass run
+  against the other's spinning threads (handler and engine p50 both about doubled, 23 -> 45 ms
+  on the full-size model; docs/overhead.md).
 
 Two figures each: handler p50 minus engine p50, and per response its wall time minus the stages
 its own `x-*-time` headers report (tokenize, queue, infer, post), whose median is steadier than a
@@ -163,7 +167,9 @@ def connect(conn: http.client.HTTPConnection, timeout_s: float = 30.0) -> None:
 def uvicorn_overhead(
     engine: Any, settings: Any, text: str, reps: int, env: Mapping[str, str]
 ) -> Json:
-    """One client, one keep-alive connection, alternately with the direct engine call here."""
+    """One client, one keep-alive connection; the direct engine calls here after the requests
+    (not between them: two processes' onnxruntime threads would contend, see the module's
+    docstring)."""
     direct = direct_call(engine, text, settings)
     proc, host, port = start_server(env)
     try:
@@ -190,16 +196,18 @@ def uvicorn_overhead(
             wall, headers = post()
             handler_ms.append(wall)
             residual.append(wall - stages_ms(headers))
+        conn.close()
+        for _ in range(reps):
             t = time.perf_counter()
             direct()
             engine_ms.append(ms_since(t))
-        conn.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     return {
         "path": "python -m handler.main (uvicorn, 127.0.0.1), one keep-alive client -> "
-        "POST /v1/embeddings, dense only; the engine here, in the client's process",
+        "POST /v1/embeddings, dense only, back to back; the engine here, in the client's "
+        "process, after them",
         **summary(handler_ms, engine_ms, residual),
     }
 

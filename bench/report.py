@@ -230,10 +230,13 @@ def overhead_lines(engines: Json) -> list[str]:
     lines = [
         "## The path around the model: a 9-token query, dense only (`bench/overhead.py`)",
         "",
-        "Each host's request alternated with the engine's own call with the route's options, in "
-        "one process (`lambda_back_to_back`: the handler calls one after another, the engine's "
-        "after them); `wall - stages` is each response's time minus the stages its own `x-*-time` "
-        "headers report (tokenize, queue, infer, post), p50 (p25-p75); `calling thread CPU` is "
+        "Lambda: each handler call alternated with the engine's own call with the route's "
+        "options, in one process (`lambda_back_to_back`: the handler calls one after another, the "
+        "engine's after them). uvicorn: the requests one after another on one keep-alive "
+        "connection, then the engine's calls in the client's process (alternating two processes' "
+        "onnxruntime threads on the same cores slows both). `wall - stages` is each response's "
+        "time minus the stages its own `x-*-time` headers report (tokenize, queue, infer, post), "
+        "p50 (p25-p75); `calling thread CPU` is "
         "the CPU time of the thread that called the handler (Lambda only: the adapter, event "
         "loop, middleware and routing, not the model thread), p50.",
         "",
