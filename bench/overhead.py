@@ -212,8 +212,19 @@ def uvicorn_overhead(
     }
 
 
-def measure(text: str, reps: int, *, uvicorn: bool, alternate: bool = True) -> Json:
-    """Both figures, in this process (its environment names the model: MODEL_PATH)."""
+def lambda_environment(model: Path) -> None:
+    """This process's environment as the bench's worker runs the Lambda handler: the model, what
+    Lambda sets (bench.common.LAMBDA_ENV) and the image's MODEL_VERIFY. Before the entry point
+    is imported: it reads the settings then."""
+    os.environ["MODEL_PATH"] = str(model)
+    for name, value in LAMBDA_ENV.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MODEL_VERIFY", "size")
+
+
+def entry_point() -> tuple[Any, Any, Any]:
+    """The Lambda entry point imported in this process: (its handler, the engine it loaded, the
+    service's settings)."""
     import importlib
 
     from bench.worker import find_engines
@@ -224,13 +235,17 @@ def measure(text: str, reps: int, *, uvicorn: bool, alternate: bool = True) -> J
     engines = find_engines()
     if not engines:
         raise RuntimeError("no handler.engine.Engine loaded")
+    return module.handler, engines[0], settings
+
+
+def measure(text: str, reps: int, *, uvicorn: bool, alternate: bool = True) -> Json:
+    """Both figures, in this process (its environment names the model: MODEL_PATH)."""
+    handler, engine, settings = entry_point()
     out: Json = {
-        "lambda": lambda_overhead(
-            module.handler, engines[0], settings, text, reps, alternate=alternate
-        ),
+        "lambda": lambda_overhead(handler, engine, settings, text, reps, alternate=alternate),
     }
     if uvicorn:
-        out["uvicorn"] = uvicorn_overhead(engines[0], settings, text, reps, dict(os.environ))
+        out["uvicorn"] = uvicorn_overhead(engine, settings, text, reps, dict(os.environ))
     return out
 
 
@@ -254,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, required=True, help="the JSON figures (stdout has the request logs)"
     )
     args = parser.parse_args(argv)
-    os.environ["MODEL_PATH"] = str(args.model)
-    for name, value in LAMBDA_ENV.items():  # the same Lambda environment as the bench's worker
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MODEL_VERIFY", "size")
+    lambda_environment(args.model)
     result = measure(
         nine_tokens(args.model),
         args.reps,

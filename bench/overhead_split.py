@@ -24,14 +24,21 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import LAMBDA_ENV, Json, percentile
+from bench.common import Json, percentile
+from bench.overhead import (
+    direct_call,
+    entry_point,
+    lambda_environment,
+    nine_tokens,
+    stages_ms,
+)
+from bench.worker import LambdaContext, lambda_event
 
 # Consecutive clock readings of one request, in the order they are taken; a segment is the time
 # from one to the next. "stages" is not a reading: the engine's own stages (the response's
@@ -151,39 +158,29 @@ def instrument(handler: Any, clock: dict[str, float]) -> None:
     around(Engine, "encode", "engine", "engine_done")
 
 
-def segments(clock: dict[str, float], stages_ms: float) -> list[float]:
+def segments(clock: dict[str, float], engine_stages_ms: float) -> list[float]:
     """One request's segments in microseconds, the engine's stages taken out of its own."""
     out = []
     for a, b in itertools.pairwise(READINGS):
         us = (clock[b] - clock[a]) * 1e6
         if a == "engine":
-            us -= stages_ms * 1000.0
+            us -= engine_stages_ms * 1000.0
         out.append(us)
     return out
 
 
 def measure(model: Path, reps: int, *, alternate: bool, evict_mib: int) -> Json:
-    import importlib
-
     import numpy as np
 
-    from bench.overhead import direct_call, nine_tokens, stages_ms
-    from bench.worker import LambdaContext, find_engines, lambda_event
-
-    module = importlib.import_module("handler.lambda_function")
-    from handler.main import settings
-
-    engines = find_engines()
-    if not engines:
-        raise RuntimeError("no handler.engine.Engine loaded")
+    handler, engine, settings = entry_point()
     clock: dict[str, float] = {}
-    instrument(module.handler, clock)
+    instrument(handler, clock)
     text = nine_tokens(model)
     event, context = lambda_event([text]), LambdaContext()
-    direct = direct_call(engines[0], text, settings)
+    direct = direct_call(engine, text, settings)
     sweep = np.ones(evict_mib * 2**20 // 8) if evict_mib else None
     for _ in range(10):
-        module.handler(dict(event), context)
+        handler(dict(event), context)
     rows: list[list[float]] = []
     for _ in range(reps):
         if alternate:
@@ -192,7 +189,7 @@ def measure(model: Path, reps: int, *, alternate: bool, evict_mib: int) -> Json:
             sweep.sum()
         clock.clear()
         clock["call"] = time.perf_counter()
-        response = module.handler(dict(event), context)
+        response = handler(dict(event), context)
         clock["returned"] = time.perf_counter()
         if response.get("statusCode") != 200:
             raise RuntimeError(f"the Lambda handler answered {response.get('statusCode')}")
@@ -223,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the figures here, as JSON")
     args = parser.parse_args(argv)
-    os.environ["MODEL_PATH"] = str(args.model)
-    for name, value in LAMBDA_ENV.items():  # the Lambda environment of bench.overhead
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MODEL_VERIFY", "size")
+    lambda_environment(args.model)
     result = measure(args.model, args.reps, alternate=args.alternate, evict_mib=args.evict_mb)
     width = max(map(len, SEGMENTS))
     # stderr: stdout carries the request log lines.
